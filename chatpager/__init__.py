@@ -1,0 +1,14 @@
+"""chatpager: many concurrent LLM chats over one PagedAttention KV cache."""
+from chatpager.engine.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and transformers: import it only when asked for
+    if name == "LLM":
+        from chatpager.engine.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams"]

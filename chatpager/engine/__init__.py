@@ -1,0 +1,1 @@
+"""The paged-KV inference engine: block pool, prefix cache, scheduler, model runner."""

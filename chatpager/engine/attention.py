@@ -1,0 +1,49 @@
+"""Attention metadata for one step, and the backend that reads/writes the paged cache.
+
+The metadata is built once per step by the ModelRunner and passed explicitly to every layer
+(no global context). A backend is a pair of functions with the contract of
+`chatpager.kernels`: write new K/V into their slots, then attend through the block tables.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from chatpager.kernels import paged_attention_torch, write_kv_torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [num_tokens]: where each new token's K/V goes
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
+    seq_lens: torch.Tensor  # int32 [num_seqs]: context length after this step
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionBackend:
+    name: str
+    write_kv: Callable[..., None]
+    attend: Callable[..., torch.Tensor]
+
+    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
+
+
+def select_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto`: Triton on CUDA, torch elsewhere. `triton` on CPU runs Triton's interpreter."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return AttentionBackend("torch", write_kv_torch, paged_attention_torch)
+    from chatpager.kernels import paged_attention_triton, write_kv_triton
+
+    label = "triton" if device.type == "cuda" else "triton (interpreter)"
+    return AttentionBackend(label, write_kv_triton, paged_attention_triton)

@@ -1,0 +1,133 @@
+"""Physical KV block metadata: refcounts, content hashes and the LRU queue of free blocks.
+
+Invariants (tests/test_block_pool_properties.py drives random operation sequences against them):
+1. `block.ref_cnt` equals the number of live block-table entries pointing at the block.
+2. A block is in the free queue iff its ref_cnt is 0.
+3. A block with a hash is full and holds exactly the K/V of the token chain the hash names;
+   `hash_to_block[h]` is a block whose hash is h.
+
+Free blocks keep their hash and stay hittable until reused. The free queue is a doubly linked
+list threaded through the Block objects, so take-from-front, append and remove-from-middle
+(a cache hit on a free block) are all O(1). Order = eviction order: the front is the least
+recently freed block. Callers free a sequence's blocks tail first, so among blocks freed
+together the end of a chain (least likely to be shared) is evicted first.
+This object never touches tensors.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+
+class Block:
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev", "next")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: int | None = None
+        self.prev: Block | None = None
+        self.next: Block | None = None
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+
+
+class FreeBlockQueue:
+    """Doubly linked list of free blocks, least recently freed at the front. All ops O(1)."""
+
+    def __init__(self, blocks: Iterable[Block]) -> None:
+        self._head = Block(-1)  # sentinels: never handed out
+        self._tail = Block(-1)
+        self._head.next, self._tail.prev = self._tail, self._head
+        self.size = 0
+        for b in blocks:
+            self.append(b)
+
+    def append(self, block: Block) -> None:
+        last = self._tail.prev
+        last.next, block.prev = block, last
+        block.next, self._tail.prev = self._tail, block
+        self.size += 1
+
+    def remove(self, block: Block) -> None:
+        block.prev.next, block.next.prev = block.next, block.prev
+        block.prev = block.next = None
+        self.size -= 1
+
+    def popleft(self) -> Block:
+        if self.size == 0:
+            raise RuntimeError("no free blocks")
+        block = self._head.next
+        self.remove(block)
+        return block
+
+    def __contains__(self, block: Block) -> bool:
+        return block.prev is not None
+
+    def __iter__(self) -> Iterator[Block]:
+        b = self._head.next
+        while b is not self._tail:
+            yield b
+            b = b.next
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self.hash_to_block: dict[int, Block] = {}
+        self.enable_caching = enable_caching
+        self.evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return self.free_queue.size
+
+    def allocate(self) -> Block:
+        """Take the least recently used free block; a cached one loses its hash (an eviction)."""
+        block = self.free_queue.popleft()
+        if block.block_hash is not None:
+            self._drop_hash(block)
+            self.evictions += 1
+        block.ref_cnt = 1
+        return block
+
+    def touch(self, block: Block) -> None:
+        """Add a reference (prefix hit or fork); revives a free cached block."""
+        if block.ref_cnt == 0:
+            self.free_queue.remove(block)
+        block.ref_cnt += 1
+
+    def free(self, blocks: Iterable[Block]) -> None:
+        """Drop one reference from each block, in the order given (pass a chain tail first)."""
+        for block in blocks:
+            block.ref_cnt -= 1
+            if block.ref_cnt < 0:
+                raise RuntimeError(f"double free of {block}")
+            if block.ref_cnt == 0:
+                if not self.enable_caching:
+                    self._drop_hash(block)
+                self.free_queue.append(block)
+
+    def cached_block(self, block_hash: int) -> Block | None:
+        return self.hash_to_block.get(block_hash) if self.enable_caching else None
+
+    def cache(self, block: Block, block_hash: int) -> None:
+        """Record that `block` is full and holds the chain named by `block_hash`."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        if block_hash not in self.hash_to_block:  # first writer wins; duplicates stay unhashed
+            block.block_hash = block_hash
+            self.hash_to_block[block_hash] = block
+
+    def _drop_hash(self, block: Block) -> None:
+        if block.block_hash is not None and self.hash_to_block.get(block.block_hash) is block:
+            del self.hash_to_block[block.block_hash]
+        block.block_hash = None
+
+    def num_cached_free(self) -> int:
+        return sum(1 for b in self.free_queue if b.block_hash is not None)

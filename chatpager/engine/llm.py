@@ -1,0 +1,160 @@
+"""The user-facing API: `LLM(...)` loads a model and builds the engine; `generate` and `chat`
+run requests to completion. `llm.engine` is the step-level API underneath."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence as Seq
+
+import torch
+
+from chatpager.engine.attention import select_backend
+from chatpager.engine.config import EngineConfig, ModelConfig
+from chatpager.engine.kv_cache import KVCache
+from chatpager.engine.llm_engine import LLMEngine
+from chatpager.engine.loader import (eos_token_ids, load_hf_config, load_state_dict, load_tokenizer,
+                                     resolve_model_dir)
+from chatpager.engine.model import Model
+from chatpager.engine.model_runner import ModelRunner
+from chatpager.engine.outputs import RequestOutput, Sample
+from chatpager.engine.sampling_params import SamplingParams
+from chatpager.errors import ModelLoadError
+
+CPU_KV_CACHE_BYTES = 256 * 2**20
+CUDA_FREE_MEMORY_FRACTION = 0.85
+Message = dict[str, str]
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but no CUDA device is available")
+    return dev
+
+
+def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def _model_max_len(cfg: ModelConfig) -> int:
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window:  # we attend to the whole context: stay inside the window
+        limit = min(limit, cfg.sliding_window)
+    params = getattr(cfg.hf_config, "rope_parameters", None) or getattr(cfg.hf_config, "rope_scaling", None) or {}
+    if params.get("rope_type", params.get("type")) == "dynamic":
+        limit = min(limit, params.get("original_max_position_embeddings", limit))
+    return limit
+
+
+class LLM:
+    def __init__(self, model: str | os.PathLike | None = None, block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 device: str = "auto", dtype: str | torch.dtype = "auto", attention: str = "auto",
+                 enable_prefix_caching: bool = True, max_model_len: int | None = None,
+                 preemption_mode: str = "recompute", max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None,
+                 progress: Callable[[str, float | None], None] | None = None) -> None:
+        config = EngineConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
+                              enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
+                              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                              preemption_mode=preemption_mode)
+        dev = _pick_device(device)
+        dt = _pick_dtype(dtype, dev)
+        backend = select_backend(attention, dev)
+        model_dir = resolve_model_dir(model, progress)
+        hf_config = load_hf_config(model_dir)
+        mcfg = ModelConfig.from_hf(hf_config)
+        limit = _model_max_len(mcfg)
+        if max_model_len is not None and max_model_len > limit:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit {limit}")
+        max_len = max_model_len or limit
+        self.tokenizer = load_tokenizer(model_dir)
+        if progress:
+            progress("loading weights", 0.0)
+        weights = load_state_dict(model_dir, progress)
+        self.model = Model(mcfg, weights, dev, dt, max_positions=max_len)
+        del weights
+        kv = KVCache(mcfg.num_layers, self._num_blocks(config, mcfg, dt, dev), block_size,
+                     mcfg.num_kv_heads, mcfg.head_dim, dt, dev)
+        runner = ModelRunner(self.model, kv, backend, dev)
+        name = "SmolLM2-135M-Instruct" if model is None else os.path.basename(os.path.normpath(str(model)))
+        self.model_info = {"name": name, "path": str(model_dir), "device": str(dev),
+                           "dtype": str(dt).removeprefix("torch."), "attention": backend.name}
+        budget = max_num_batched_tokens or (512 if dev.type == "cpu" else 8192)
+        self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids(model_dir, hf_config, self.tokenizer),
+                                config, max_len, budget, self.model_info)
+        if progress:
+            progress("ready", 1.0)
+
+    @staticmethod
+    def _num_blocks(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, dev: torch.device) -> int:
+        if config.num_blocks is not None:
+            return config.num_blocks
+        budget = config.kv_cache_memory
+        if budget is None:
+            if dev.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(dev)[0] * CUDA_FREE_MEMORY_FRACTION)
+            else:
+                budget = CPU_KV_CACHE_BYTES
+        n = budget // (mcfg.kv_bytes_per_token(dtype) * config.block_size)
+        if n < 1:
+            raise ValueError(f"kv_cache_memory={budget} bytes holds not even one block")
+        return int(n)
+
+    # --- convenience API -----------------------------------------------------------------
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        """Token ids of a conversation with the model's chat template and a generation prompt."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ModelLoadError("this model's tokenizer has no chat template; use generate() instead")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion, batched together; outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        ids = [self.engine.add_request(p, params) for p in prompts]
+        return self._run(ids)
+
+    def chat(self, conversations: list[Message] | list[list[Message]],
+             params: SamplingParams | None = None) -> list[RequestOutput]:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        return self.generate([self.encode_chat(c) for c in conversations], params)
+
+    def _run(self, ids: list[str]) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        results = []
+        for rid in ids:
+            group = [final[rid]] + sorted(
+                (o for o in final.values() if o.parent_id == rid and "." in o.request_id),
+                key=lambda o: int(o.request_id.rsplit(".", 1)[1]))
+            samples = tuple(Sample(o.request_id, o.token_ids, o.text, o.finish_reason) for o in group)
+            results.append(_with_samples(final[rid], samples))
+        return results
+
+
+def _with_samples(out: RequestOutput, samples: tuple[Sample, ...]) -> RequestOutput:
+    from dataclasses import replace
+
+    return replace(out, samples=samples)

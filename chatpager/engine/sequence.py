@@ -1,0 +1,80 @@
+"""One request's tokens, block table and progress. A Sequence never allocates: the
+BlockManager fills its block table and the Scheduler moves it between states."""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from chatpager.engine.block_pool import Block
+from chatpager.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 max_len: int, parent_id: str | None = None) -> None:
+        self.request_id = request_id
+        self.parent_id = parent_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.max_len = max_len  # total tokens this sequence may reach (model and pool limits)
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
+        self.blocks: list[Block] = []
+        self.block_hashes: list[int] = []  # hashes of the leading full blocks, in order
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.swapped_kv: torch.Tensor | None = None  # host copy while swapped out
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.detok = Detokenizer()
+        self.admitted = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def block_table(self) -> list[int]:
+        return [b.block_id for b in self.blocks]
+
+
+class Detokenizer:
+    """Incremental decoding: text grows by whole characters; no re-decode of the whole output."""
+
+    __slots__ = ("text", "prefix_offset", "read_offset")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def update(self, tokenizer, output_ids: list[int]) -> str:
+        """Append what the newest tokens spell; returns the new characters."""
+        prefix = tokenizer.decode(output_ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = tokenizer.decode(output_ids[self.prefix_offset:], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # an incomplete multi-byte character: wait for the next token
+        delta = full[len(prefix):]
+        self.text += delta
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(output_ids)
+        return delta

@@ -1,0 +1,13 @@
+"""Errors a user can act on. Each message names the problem; the CLI prints it without a traceback."""
+
+
+class ChatpagerError(Exception):
+    """Base of every error chatpager raises on purpose."""
+
+
+class ModelLoadError(ChatpagerError):
+    """The model could not be found, read or understood."""
+
+
+class RequestError(ChatpagerError, ValueError):
+    """A request that can never be served (empty, too long for the model, larger than the pool)."""
