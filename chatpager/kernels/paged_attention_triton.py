@@ -34,6 +34,7 @@ on CPU tensors, slowly but exactly; that is how the tests run without a GPU.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -172,6 +173,43 @@ def _merge_splits_kernel(
              mask=dims < HEAD_DIM)
 
 
+@dataclass(frozen=True, slots=True)
+class LaunchPlan:
+    """Tile sizes and grid of one call; a function of shapes only, so it never syncs the GPU."""
+
+    head_dim_pad: int  # head_dim rounded up to a power of two >= 16 (tl.dot needs >= 16)
+    group: int  # query heads per KV head
+    group_pad: int
+    block_q: int  # query tokens per program
+    block_m: int  # rows per program: block_q * group_pad
+    tile_n: int  # key positions per inner-loop tile
+    num_q_programs: int  # grid axis 0, an upper bound; surplus programs exit at once
+    num_splits: int  # grid axis 2; > 1 means split-KV plus the merge kernel
+
+
+def plan_launch(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor,
+                num_splits: int | None = None) -> LaunchPlan:
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = block_tables.shape[0]
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    # Decode rows are cheap (one query each): a 16-row tile, the smallest tl.dot takes;
+    # prefill chunks get 64 rows so K/V tiles are reused across more queries.
+    decode_only = num_tokens == num_seqs
+    block_m = max(16 if decode_only else 64, group_pad)
+    block_q = block_m // group_pad
+    num_q_programs = num_tokens // block_q + num_seqs
+    if num_splits is None:
+        # The table width bounds the longest context without reading seq_lens on the host.
+        max_context = block_tables.shape[1] * block_size
+        num_splits = _choose_num_splits(num_q_programs * num_kv_heads, max_context, q.device) if decode_only else 1
+    return LaunchPlan(head_dim_pad=head_dim_pad, group=group, group_pad=group_pad, block_q=block_q,
+                      block_m=block_m, tile_n=64 if head_dim_pad <= 128 else 32,
+                      num_q_programs=num_q_programs, num_splits=num_splits)
+
+
 def paged_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -195,50 +233,35 @@ def paged_attention_triton(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    num_seqs = seq_lens.numel()
     if num_tokens == 0:
         return out
+    plan = plan_launch(q, k_cache, block_tables, num_splits)
+    splits = plan.num_splits
 
-    # Tile shapes. Every tl.dot dimension must be >= 16 on GPUs, hence the floors.
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    decode_only = num_tokens == num_seqs  # one query per sequence (a shape fact, no sync)
-    block_m = max(16 if decode_only else 64, group_pad)
-    block_q = block_m // group_pad
-    tile_n = 64 if head_dim_pad <= 128 else 32
-    num_q_programs = num_tokens // block_q + num_seqs
-
-    if num_splits is None:
-        # The table width bounds the longest context without reading seq_lens on the host.
-        max_context = block_tables.shape[1] * block_size
-        num_splits = _choose_num_splits(num_q_programs * num_kv_heads, max_context, q.device) if decode_only else 1
-
-    if num_splits > 1:
-        part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
-        part_max = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    if splits > 1:
+        part_out = torch.empty(num_tokens, num_heads, splits, plan.head_dim_pad, dtype=torch.float32, device=q.device)
+        part_max = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
     else:
         part_out = part_max = part_sum = out  # not touched: SPLIT_KV is off
-    _paged_attention_kernel[(num_q_programs, num_kv_heads, num_splits)](
+    _paged_attention_kernel[(plan.num_q_programs, k_cache.shape[2], splits)](
         out, q, k_cache, v_cache,
         block_tables, seq_lens, query_start_loc,
         part_out, part_max, part_sum,
-        scale * _LOG2E, num_seqs, num_splits,
+        scale * _LOG2E, seq_lens.numel(), splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, GROUP_PAD=group_pad,
-        BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n,
-        BLOCK_SIZE=block_size, SPLIT_KV=num_splits > 1, DOT_DTYPE=_dot_dtype(q.dtype),
-        num_warps=4 if block_m <= 16 else 8,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad, GROUP=plan.group, GROUP_PAD=plan.group_pad,
+        BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE_N=plan.tile_n,
+        BLOCK_SIZE=k_cache.shape[1], SPLIT_KV=splits > 1, DOT_DTYPE=_dot_dtype(q.dtype),
+        num_warps=4 if plan.block_m <= 16 else 8,
     )
-    if num_splits > 1:
+    if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_max, part_sum,
-            num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad,
+            SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
         )
     return out
 
