@@ -82,11 +82,18 @@ def _converted_gguf(gguf: Path, progress: Progress | None) -> Path:
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for a bad file
         raise ModelLoadError(f"cannot read GGUF model {gguf}: {exc}") from None
-    hf.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    config = json.loads((tmp / "config.json").read_text())
+    from safetensors.torch import save_file
+
+    tmp.mkdir(parents=True)
+    tensors = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # stored once, as the embedding
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = hf.config.to_dict()
     config.pop("quantization_config", None)  # the weights are plain floats now
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    hf.generation_config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     if progress:

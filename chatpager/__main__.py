@@ -1,0 +1,5 @@
+import sys
+
+from chatpager.cli import main
+
+sys.exit(main())

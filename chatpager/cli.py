@@ -1,0 +1,30 @@
+"""The `chatpager` command: the chat TUI by default, `chatpager bench ...` for the benchmark.
+
+Errors a user can act on (ChatpagerError, bad arguments) print one line, not a traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+from chatpager.errors import ChatpagerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["bench"]:
+            from chatpager.bench.cli import main as bench_main
+
+            return bench_main(argv[1:])
+        from chatpager.tui.main import main as tui_main
+
+        return tui_main(argv)
+    except (ChatpagerError, ValueError) as exc:
+        print(f"chatpager: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
