@@ -206,8 +206,8 @@ class EngineLoop:
 
     def _apply(self, llm: LLM | None, command: Any, live: set[str]) -> None:
         if isinstance(command, _Abort):
-            if llm is not None and command.request_id in live:
-                llm.engine.abort(command.request_id)
+            if llm is not None:
+                llm.engine.abort(command.request_id)  # a finished or unknown id is a no-op
             return
         if llm is None:
             self._publish([Rejected(command.request_id, self._unusable)])
@@ -218,11 +218,9 @@ class EngineLoop:
                 llm.engine.add_request(prompt, command.params, request_id=command.request_id)
                 live.add(command.request_id)
                 live.update(f"{command.request_id}.{i}" for i in range(1, command.params.n))
-            elif command.request_id in live:
+            else:
                 llm.engine.fork(command.request_id, command.new_request_id, command.params)
                 live.add(command.new_request_id)
-            else:
-                raise ValueError(f"request {command.request_id} has already finished")
         except Exception as error:  # a bad request must not take the loop down
             request_id = getattr(command, "new_request_id", command.request_id)
             self._publish([Rejected(request_id, str(error))])

@@ -1,0 +1,1 @@
+"""The chatpager terminal UI: many chat sessions on one engine, and its paged KV cache."""

@@ -1,0 +1,291 @@
+"""Conversations: the one owner of every session, between the UI, the store and the engine.
+
+It turns what the user asks for (send, stop, fork, regenerate...) into store writes and
+engine commands, and engine events into session state. Invariants:
+- A session has at most one live turn (`Session.request_id`); a turn's request ids (its
+  parallel samples included) map back to the session through `_turns`.
+- Stored sessions are written on every message: the user's message when sent, the reply
+  when its turn ends (so a crash loses at most the reply being generated).
+- A turn always ends: with the engine's finished output, a rejection, or an engine failure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from chatpager.engine.loop import EngineFailed, EngineLoop, Rejected
+from chatpager.engine.outputs import CacheSnapshot, RequestOutput
+from chatpager.engine.sampling_params import SamplingParams
+from chatpager.tui.session import GENERATING, IDLE, PREEMPTED, QUEUED, Message, Session
+from chatpager.tui.store import Store
+
+CUSTOM_PROMPT = "custom"
+
+
+class UserError(Exception):
+    """Something the user asked for that cannot be done now; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    session_id: str
+    message: str
+    severity: str = "error"
+
+
+@dataclass(slots=True)
+class Changes:
+    """What a batch of engine events changed."""
+
+    sessions: set[str] = field(default_factory=set)
+    finished: list[tuple[str, str]] = field(default_factory=list)  # (session id, reason)
+    notices: list[Notice] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Turn:
+    session_id: str
+    request_ids: tuple[str, ...]  # the main request first, then parallel samples
+    regenerate: bool = False
+    fork_of: str | None = None  # a branch of this session's live reply
+    done: set[str] = field(default_factory=set)
+
+
+class Conversations:
+    def __init__(
+        self,
+        store: Store,
+        engine: EngineLoop,
+        prompts: dict[str, str],
+        params: SamplingParams,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.prompts = prompts
+        self.params = params
+        self.sessions: dict[str, Session] = {s.id: s for s in store.load()}
+        self._turns: dict[str, _Turn] = {}  # by every request id of the turn
+        self._serial = itertools.count(1)
+
+    # -- sessions ----------------------------------------------------------------------------
+    def create(self, prompt_name: str, title: str | None = None, stored: bool = True) -> Session:
+        system = self.prompts[prompt_name]
+        session = Session(
+            id=uuid.uuid4().hex[:12],
+            title=title or f"Chat {len(self.sessions) + 1}",
+            prompt_name=prompt_name,
+            system=system,
+            stored=stored,
+        )
+        self._add(session)
+        return session
+
+    def fork(self, source: Session) -> Session:
+        """A new session with the same history; a reply being generated is forked too, and
+        both continue from the same blocks."""
+        session = Session(
+            id=uuid.uuid4().hex[:12],
+            title=f"{source.title} (fork)",
+            prompt_name=source.prompt_name,
+            system=source.system,
+            messages=[dataclasses.replace(m) for m in source.messages],
+            stored=True,
+        )
+        self._add(session)
+        if source.request_id is not None and not self._turns[source.request_id].regenerate:
+            request_id = self._new_request_id(session)
+            self._begin(session, _Turn(session.id, (request_id,), fork_of=source.id))
+            session.reply = source.reply
+            session.state = source.state
+            self.engine.fork(source.request_id, request_id)
+        return session
+
+    def rename(self, session: Session, title: str) -> None:
+        session.title = title
+        self._save(session)
+
+    def delete(self, session: Session) -> None:
+        if session.busy:
+            self.stop(session)
+        del self.sessions[session.id]
+        if session.stored:
+            self.store.delete_session(session.id)
+
+    def set_system(self, session: Session, name_or_text: str) -> None:
+        """Use a shipped prompt by name, or else the text itself, from the next turn on."""
+        if name_or_text in self.prompts:
+            session.prompt_name, session.system = name_or_text, self.prompts[name_or_text]
+        else:
+            session.prompt_name, session.system = CUSTOM_PROMPT, name_or_text
+        self._save(session)
+
+    def clear(self, session: Session) -> None:
+        self._require_idle(session)
+        session.messages.clear()
+        session.error = None
+        session.tokens = None
+        self._rewrite(session)
+
+    # -- turns -------------------------------------------------------------------------------
+    def send(self, session: Session, text: str) -> None:
+        self._require_idle(session)
+        message = Message("user", text)
+        session.messages.append(message)
+        if session.stored:
+            self.store.add_message(session.id, message)
+        self._submit(session, self.params)
+
+    def regenerate(self, session: Session, n: int = 1) -> None:
+        """Generate the last reply again; with n > 1, n alternatives to pick from."""
+        self._require_idle(session)
+        if not session.messages:
+            raise UserError("there is nothing to regenerate yet")
+        if session.messages[-1].role == "assistant":
+            session.replaced = session.messages.pop().content
+            session.revision += 1
+        self._submit(session, dataclasses.replace(self.params, n=n), regenerate=True)
+
+    def stop(self, session: Session) -> None:
+        """Abort the reply; what was generated is kept, its blocks are freed at once."""
+        if session.request_id is None:
+            return
+        for request_id in self._turns[session.request_id].request_ids:
+            self.engine.abort(request_id)
+
+    def pick(self, session: Session, index: int | None) -> None:
+        """Settle a regeneration with alternative `index`, or None to keep the old reply."""
+        reply = session.replaced if index is None else session.choices[index]
+        session.choices = []
+        session.replaced = None
+        if reply:
+            session.messages.append(Message("assistant", reply))
+        session.revision += 1
+        self._rewrite(session)
+
+    # -- engine events -----------------------------------------------------------------------
+    def apply(self, events: Iterable[object]) -> Changes:
+        changes = Changes()
+        for event in events:
+            if isinstance(event, RequestOutput):
+                self._on_output(event, changes)
+            elif isinstance(event, Rejected):
+                self._fail(event.request_id, event.message, changes)
+            elif isinstance(event, EngineFailed):
+                for request_id in event.request_ids:
+                    self._fail(request_id, event.message, changes)
+        return changes
+
+    def observe(self, snapshot: CacheSnapshot) -> None:
+        """Update sessions' states from the engine's view of their sequences."""
+        status = {view.request_id: view for view in snapshot.sequences}
+        for session in self.sessions.values():
+            view = status.get(session.request_id) if session.request_id else None
+            if session.request_id is None:
+                session.state = IDLE
+            elif view is None:
+                if not session.reply:
+                    session.state = QUEUED
+            elif view.status == "running":
+                session.state = GENERATING
+            elif view.status == "swapped" or view.num_tokens > view.num_prompt_tokens:
+                session.state = PREEMPTED
+            else:
+                session.state = QUEUED
+
+    # -- internals ---------------------------------------------------------------------------
+    def _add(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        if session.stored:
+            self.store.save_session(session)
+            self.store.replace_messages(session)
+
+    def _save(self, session: Session) -> None:
+        if session.stored:
+            self.store.save_session(session)
+
+    def _rewrite(self, session: Session) -> None:
+        if session.stored:
+            self.store.replace_messages(session)
+
+    def _require_idle(self, session: Session) -> None:
+        if session.busy:
+            raise UserError("a reply is still being generated: stop it first")
+
+    def _new_request_id(self, session: Session) -> str:
+        return f"{session.id}-{next(self._serial)}"
+
+    def _submit(self, session: Session, params: SamplingParams, regenerate: bool = False) -> None:
+        request_id = self._new_request_id(session)
+        samples = tuple(f"{request_id}.{i}" for i in range(1, params.n))
+        self._begin(session, _Turn(session.id, (request_id, *samples), regenerate))
+        self.engine.submit(request_id, session.chat(), params)
+
+    def _begin(self, session: Session, turn: _Turn) -> None:
+        session.request_id = turn.request_ids[0]
+        session.reply = ""
+        session.samples = {}
+        session.error = None
+        session.state = QUEUED
+        for request_id in turn.request_ids:
+            self._turns[request_id] = turn
+
+    def _on_output(self, output: RequestOutput, changes: Changes) -> None:
+        turn = self._turns.get(output.request_id)
+        session = self.sessions.get(turn.session_id) if turn else None
+        if session is None:
+            return
+        changes.sessions.add(session.id)
+        session.samples[output.request_id] = output.text
+        if output.request_id == session.request_id:
+            session.reply = output.text
+            session.tokens = len(output.prompt_token_ids) + len(output.token_ids)
+            session.cached_tokens = output.num_cached_tokens
+            if not output.finished:
+                session.state = GENERATING
+        if output.error:
+            session.error = output.error
+            changes.notices.append(Notice(session.id, output.error))
+        if output.finished:
+            turn.done.add(output.request_id)
+            if len(turn.done) == len(turn.request_ids):
+                self._end(session, turn, output.finish_reason or "stop", changes)
+
+    def _fail(self, request_id: str, message: str, changes: Changes) -> None:
+        turn = self._turns.get(request_id)
+        session = self.sessions.get(turn.session_id) if turn else None
+        if session is None:
+            return
+        changes.sessions.add(session.id)
+        source = self.sessions.get(turn.fork_of or "")
+        if source is not None and not source.busy and source.messages:
+            # The reply ended before the branch was made: branch its final text instead.
+            session.samples[request_id] = source.messages[-1].content
+        else:
+            session.error = message
+            changes.notices.append(Notice(session.id, message))
+        self._end(session, turn, "error", changes)
+
+    def _end(self, session: Session, turn: _Turn, reason: str, changes: Changes) -> None:
+        for request_id in turn.request_ids:
+            self._turns.pop(request_id, None)
+        texts = [session.samples.get(request_id, "") for request_id in turn.request_ids]
+        session.request_id = None
+        session.reply = ""
+        session.samples = {}
+        session.state = IDLE
+        changes.finished.append((session.id, reason))
+        if len(turn.request_ids) > 1:
+            session.choices = [text for text in texts if text]
+            if not session.choices:
+                self.pick(session, None)
+        elif turn.regenerate:
+            session.choices = [texts[0]] if texts[0] else []
+            self.pick(session, 0 if texts[0] else None)
+        elif texts[0]:
+            message = Message("assistant", texts[0])
+            session.messages.append(message)
+            if session.stored:
+                self.store.add_message(session.id, message)
