@@ -38,10 +38,10 @@ class BlockManager:
     def cache_full_blocks(self, seq: Sequence) -> None:
         """After a step: register every block that is now full as hittable."""
         full = seq.num_computed_tokens // self.block_size
-        start = len(seq.block_hashes)
         self._extend_hashes(seq, full)
-        for i in range(min(start, full), full):
+        for i in range(seq.num_registered_blocks, full):
             self.pool.cache(seq.blocks[i], seq.block_hashes[i])
+        seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
     # --- admission -----------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> list[Block]:
@@ -67,6 +67,7 @@ class BlockManager:
         for b in hits:
             self.pool.touch(b)
         seq.blocks = list(hits)
+        seq.num_registered_blocks = len(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
         self.prefix_query_tokens += seq.num_tokens
         self.prefix_hit_tokens += seq.num_computed_tokens
@@ -100,13 +101,16 @@ class BlockManager:
         if num_blocks > self.pool.num_free:
             return False
         seq.blocks = [self.pool.allocate() for _ in range(num_blocks)]
+        seq.num_registered_blocks = 0  # fresh copies: register them again as they are confirmed
         return True
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         for b in parent.blocks:
             self.pool.touch(b)
         child.blocks = list(parent.blocks)
+        child.num_registered_blocks = parent.num_registered_blocks
 
     def free(self, seq: Sequence) -> None:
         self.pool.free(reversed(seq.blocks))  # tail first: evicted before the shared head
         seq.blocks = []
+        seq.num_registered_blocks = 0

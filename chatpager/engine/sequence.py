@@ -30,7 +30,8 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.blocks: list[Block] = []
-        self.block_hashes: list[int] = []  # hashes of the leading full blocks, in order
+        self.block_hashes: list[int] = []  # hash chain of the leading full blocks of token_ids
+        self.num_registered_blocks = 0  # leading blocks of the table already recorded in the pool
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.swapped_kv: torch.Tensor | None = None  # host copy while swapped out

