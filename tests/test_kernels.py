@@ -233,5 +233,5 @@ def test_kernel_bench_smoke_mode(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     assert bench.main(["--device", "cpu", "--interpret", "--tiny", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert rows and all(r["triton_ms"] > 0 and r["sdpa_ms"] > 0 and r["max_abs_err"] < 1e-2 for r in rows)
+    assert rows and all(r["triton_ms"] > 0 and r["sdpa_ms"] > 0 and r["max_abs_err"] < 5e-2 for r in rows)
     assert "ms" in capsys.readouterr().out
