@@ -108,7 +108,8 @@ class LLMEngine:
 
     def fork(self, request_id: str, new_request_id: str | None = None,
              params: SamplingParams | None = None) -> str:
-        """A new request continuing from `request_id`'s tokens, sharing every block it holds."""
+        """A new request continuing from `request_id`'s tokens, sharing every block it holds.
+        Its output starts with the parent's output so far; `max_tokens` counts from the fork."""
         parent = self.seqs.get(request_id)
         if parent is None or parent.is_finished:
             raise RequestError(f"cannot fork {request_id!r}: no such live request")
@@ -126,6 +127,7 @@ class LLMEngine:
         child = Sequence(child_id, parent.token_ids[:parent.num_prompt_tokens], params,
                          parent.max_len, parent_id=parent.request_id)
         child.token_ids = list(parent.token_ids)
+        child.max_output_tokens = len(parent.output_token_ids) + params.max_tokens
         child.num_computed_tokens = parent.num_computed_tokens
         child.num_cached_tokens = parent.num_cached_tokens
         child.block_hashes = list(parent.block_hashes)
@@ -202,7 +204,7 @@ class LLMEngine:
             if hits:
                 seq.detok.text = text[:min(hits)]
                 return "stop"
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= seq.max_len:
+        if len(seq.output_token_ids) >= seq.max_output_tokens or seq.num_tokens >= seq.max_len:
             return "length"
         return None
 

@@ -26,6 +26,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.max_len = max_len  # total tokens this sequence may reach (model and pool limits)
+        self.max_output_tokens = params.max_tokens  # a fork adds the tokens it inherits
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission

@@ -1,0 +1,150 @@
+"""Prefix caching, copy-on-write forks, parallel samples, continuous batching and abort,
+driven through the step-level API on a tiny random-weight model."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from chatpager import LLM, SamplingParams
+from conftest import hf_greedy
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(250) for _ in range(n)]
+
+
+def run_all(engine) -> dict:
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+@pytest.fixture
+def llm(tiny_llama):
+    return LLM(model=tiny_llama, block_size=16)
+
+
+def test_repeated_prompt_computes_only_its_uncached_tail(llm):
+    p = prompt(0, 100)
+    first = llm.generate([p], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    before = llm.stats()
+    second = llm.generate([p], GREEDY)[0]
+    after = llm.stats()
+    # (100 - 1) // 16 = 6 full blocks are hits; the last token is always computed
+    assert second.num_cached_tokens == 96
+    assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] == 96
+    assert after["prefix_query_tokens"] - before["prefix_query_tokens"] == 100
+    assert second.token_ids == first.token_ids
+
+
+def test_generated_tokens_are_cached_for_the_next_turn(llm):
+    p = prompt(1, 40)
+    out = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
+    turn2 = p + list(out.token_ids) + prompt(2, 10)
+    second = llm.generate([turn2], GREEDY)[0]
+    # the prompt and all but the last generated token were computed: 69 tokens -> 4 full blocks
+    assert second.num_cached_tokens == 64
+
+
+def test_shared_system_prompt_is_shared_across_running_requests(llm):
+    system = prompt(3, 64)
+    eng = llm.engine
+    eng.add_request(system + prompt(4, 5), GREEDY)
+    eng.step()  # the first request's prefill registers the system prompt's blocks
+    eng.add_request(system + prompt(5, 9), GREEDY)
+    eng.step()
+    stats = llm.stats()
+    assert stats["shared_blocks"] == 4
+    assert stats["sharing_ratio"] > 1.0
+    run_all(eng)
+    assert llm.stats()["free_blocks"] == llm.stats()["num_blocks"]
+
+
+def test_fork_copies_on_write_and_neither_branch_disturbs_the_other(tiny_llama, hf_reference):
+    llm = LLM(model=tiny_llama, block_size=16)
+    eng = llm.engine
+    p = prompt(6, 20)
+    a = eng.add_request(p, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+    for _ in range(3):  # prefill + 2 decodes: 22 tokens held, the last block partly full
+        eng.step()
+    at_fork = list(eng.seqs[a].token_ids)
+    b = eng.fork(a, params=SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True))
+    assert llm.stats()["shared_blocks"] == 2
+    final = run_all(eng)
+    assert llm.stats()["cow_copies"] >= 1
+    # branch a is exactly the solo greedy run: b's writes never reached a's blocks
+    assert list(final[a].token_ids) == hf_greedy(hf_reference(tiny_llama), p, 20, ignore_eos=True)
+    # branch b equals a fresh request continuing from the fork point with the same sampler
+    fresh = LLM(model=tiny_llama, block_size=16).generate(
+        [at_fork], SamplingParams(temperature=1.0, seed=7, max_tokens=10, ignore_eos=True))[0]
+    assert list(final[b].token_ids)[len(at_fork) - len(p):] == list(fresh.token_ids)
+
+
+def test_parallel_samples_share_the_prompt_blocks(llm):
+    eng = llm.engine
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=3, n=3, max_tokens=12, ignore_eos=True)
+    rid = eng.add_request(prompt(8, 50), params)
+    eng.step()  # prefill, then the two siblings fork off the prompt's blocks
+    assert set(eng.seqs) == {rid, f"{rid}.1", f"{rid}.2"}
+    assert llm.stats()["shared_blocks"] == 4  # 50 prompt tokens + 1: four blocks, all shared 3 ways
+    run_all(eng)
+    out = llm.generate([prompt(8, 50)], params)[0]
+    assert len(out.samples) == 3
+    assert len({s.token_ids for s in out.samples}) > 1  # different seeds, different samples
+    assert all(len(s.token_ids) == 12 for s in out.samples)
+
+
+def test_greedy_parallel_samples_are_identical(llm):
+    out = llm.generate([prompt(9, 20)], SamplingParams(temperature=0.0, n=2, max_tokens=8, ignore_eos=True))[0]
+    assert out.samples[0].token_ids == out.samples[1].token_ids == out.token_ids
+
+
+def test_new_requests_join_the_running_batch_and_finished_ones_leave(llm):
+    eng = llm.engine
+    long_req = eng.add_request(prompt(10, 10), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    eng.step()
+    eng.step()
+    short_req = eng.add_request(prompt(11, 10), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    outs = {o.request_id: o for o in eng.step()}
+    assert set(outs) == {long_req, short_req}  # joined at the very next step
+    outs = {o.request_id: o for o in eng.step()}
+    assert outs[short_req].finished and outs[short_req].finish_reason == "length"
+    assert llm.stats()["running"] == 1
+    assert {o.request_id for o in eng.step()} == {long_req}
+
+
+def test_abort_frees_blocks_at_once(llm):
+    eng = llm.engine
+    rid = eng.add_request(prompt(12, 40), SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    eng.step()
+    assert llm.stats()["used_blocks"] == 3
+    eng.abort(rid)
+    assert llm.stats()["used_blocks"] == 0
+    outs = eng.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [(rid, "abort")]
+    assert not eng.has_unfinished()
+
+
+def test_stop_strings_and_eos(tiny_llama):
+    llm = LLM(model=tiny_llama)
+    free = llm.generate([prompt(13, 8)], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))[0]
+    stop = free.text[5:7]
+    cut = llm.generate([prompt(13, 8)], SamplingParams(temperature=0.0, max_tokens=40, stop=[stop],
+                                                       ignore_eos=True))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[:free.text.find(stop)]
+
+
+def test_kv_utilization_counts_filled_slots(llm):
+    eng = llm.engine
+    eng.add_request(prompt(14, 24), GREEDY)  # 24 tokens in 2 blocks of 16
+    eng.step()
+    assert llm.stats()["kv_utilization"] == pytest.approx(24 / 32)
