@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
             from chatpager.bench.cli import main as bench_main
 
             return bench_main(argv[1:])
+        _check_model_arg(argv)  # fail before the UI starts, not inside it
         from chatpager.tui.main import main as tui_main
 
         return tui_main(argv)
@@ -24,6 +25,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _check_model_arg(argv: list[str]) -> None:
+    import argparse
+
+    from chatpager.engine.loader import check_model_source
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", default=None)
+    known, _ = parser.parse_known_args(argv)
+    check_model_source(known.model)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,14 @@ def test_corrupt_gguf(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="cannot read GGUF"):
         LLM(model=str(bad))
 
+
+
+def test_cli_reports_a_bad_model_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "chatpager", "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "model not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -47,22 +47,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("CHATPAGER_CACHE_DIR") or platformdirs.user_cache_dir("chatpager")) / "models"
 
 
-def resolve_model_dir(model: str | os.PathLike | None, progress: Progress | None = None) -> Path:
-    """Return a directory holding config.json, safetensors weights and tokenizer files."""
+def check_model_source(model: str | os.PathLike | None) -> Path:
+    """Cheap validation (no conversion, no reading of weights): the GGUF file or HF directory."""
     if model is None:
-        return _converted_gguf(default_gguf_path(), progress)
+        return default_gguf_path()
     path = Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model not found: {path} (pass a Hugging Face directory or a .gguf file)")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a .gguf file or a directory")
-        return _converted_gguf(path, progress)
+        return path
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
     if not _safetensors_files(path):
         raise ModelLoadError(f"{path} has no *.safetensors weights (only safetensors checkpoints are read)")
     return path
+
+
+def resolve_model_dir(model: str | os.PathLike | None, progress: Progress | None = None) -> Path:
+    """Return a directory holding config.json, safetensors weights and tokenizer files."""
+    path = check_model_source(model)
+    return _converted_gguf(path, progress) if path.is_file() else path
 
 
 def _converted_gguf(gguf: Path, progress: Progress | None) -> Path:
