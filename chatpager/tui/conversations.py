@@ -105,6 +105,7 @@ class Conversations:
 
     def rename(self, session: Session, title: str) -> None:
         session.title = title
+        session.revision += 1
         self._save(session)
 
     def delete(self, session: Session) -> None:
@@ -120,6 +121,7 @@ class Conversations:
             session.prompt_name, session.system = name_or_text, self.prompts[name_or_text]
         else:
             session.prompt_name, session.system = CUSTOM_PROMPT, name_or_text
+        session.revision += 1
         self._save(session)
 
     def clear(self, session: Session) -> None:
@@ -130,13 +132,13 @@ class Conversations:
         self._rewrite(session)
 
     # -- turns -------------------------------------------------------------------------------
-    def send(self, session: Session, text: str) -> None:
+    def send(self, session: Session, text: str, params: SamplingParams | None = None) -> None:
         self._require_idle(session)
         message = Message("user", text)
         session.messages.append(message)
         if session.stored:
             self.store.add_message(session.id, message)
-        self._submit(session, self.params)
+        self._submit(session, params or self.params)
 
     def regenerate(self, session: Session, n: int = 1) -> None:
         """Generate the last reply again; with n > 1, n alternatives to pick from."""

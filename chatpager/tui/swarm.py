@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
+from chatpager.engine.sampling_params import SamplingParams
 from chatpager.tui.conversations import Conversations
 from chatpager.tui.session import Session
 
@@ -23,10 +24,15 @@ def load_turns(path: Path = TURNS_FILE) -> list[str]:
 
 class Swarm:
     def __init__(
-        self, conversations: Conversations, turns: list[str], turns_per_tenant: int = 4
+        self,
+        conversations: Conversations,
+        turns: list[str],
+        params: SamplingParams,
+        turns_per_tenant: int = 4,
     ) -> None:
         self.conversations = conversations
         self.turns = turns
+        self.params = params
         self.turns_per_tenant = turns_per_tenant
         self._scripts: dict[str, deque[str]] = {}  # tenant session id -> turns still to send
         self._serial = itertools.count(1)
@@ -81,4 +87,4 @@ class Swarm:
         if not script:
             del self._scripts[session.id]
             return
-        self.conversations.send(session, script.popleft())
+        self.conversations.send(session, script.popleft(), self.params)

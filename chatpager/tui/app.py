@@ -1,0 +1,383 @@
+"""The chatpager app: sessions on the left, the chat in the middle, the KV cache on the right.
+
+The engine runs in an EngineLoop thread. The app drains its events when woken (one
+coalesced EngineActivity message per burst) and pulls the latest CacheSnapshot on a timer;
+nothing here waits on the engine.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from chatpager.engine.loop import EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
+from chatpager.tui import slash
+from chatpager.tui.config import AppConfig
+from chatpager.tui.conversations import Conversations, UserError
+from chatpager.tui.export import FORMATS, export
+from chatpager.tui.messages import EngineActivity, PromptSubmitted, SessionSelected
+from chatpager.tui.prompts import DEFAULT_PROMPT, load_prompts
+from chatpager.tui.screens.confirm import ConfirmScreen
+from chatpager.tui.screens.help import HelpScreen
+from chatpager.tui.screens.pick_reply import PickReplyScreen
+from chatpager.tui.screens.prompt_picker import PromptPicker
+from chatpager.tui.screens.rename import RenameScreen
+from chatpager.tui.session import Session
+from chatpager.tui.store import Store
+from chatpager.tui.swarm import Swarm, load_turns
+from chatpager.tui.widgets.block_map import BlockMap
+from chatpager.tui.widgets.block_table import BlockTable
+from chatpager.tui.widgets.cache_stats import CacheStats
+from chatpager.tui.widgets.chat_view import ChatView
+from chatpager.tui.widgets.legend import Legend
+from chatpager.tui.widgets.prompt_input import PromptInput
+from chatpager.tui.widgets.session_list import SessionList
+from chatpager.tui.widgets.slash_hints import SlashHints
+
+DRAIN_INTERVAL = 0.08  # seconds: engine events are applied in batches at most this often
+REGENERATE_ALTERNATIVES = 3  # what the regenerate key asks for; /regen n for any n
+MAX_ALTERNATIVES = 8
+DEMO_TENANTS = 8
+
+
+class ChatpagerApp(App, inherit_bindings=False):
+    TITLE = "chatpager"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [
+        Binding("ctrl+n", "new_session", "New", id="session.new"),
+        Binding("ctrl+f", "fork", "Fork", priority=True, id="session.fork"),
+        Binding("escape", "stop", "Stop", id="chat.stop"),
+        Binding("ctrl+r", "regenerate", "Regen ×3", id="chat.regenerate"),
+        Binding("ctrl+up,alt+up", "switch(-1)", "Prev", key_display="^↑", id="session.previous"),
+        Binding("ctrl+down,alt+down", "switch(1)", "Next", key_display="^↓", id="session.next"),
+        Binding("f2", "rename", "Rename", id="session.rename"),
+        Binding("f8", "delete", "Delete", id="session.delete"),
+        Binding("f1,question_mark", "help", "Help", key_display="F1", id="app.help"),
+        Binding("ctrl+p", "command_palette", "Commands", id="app.palette"),
+        Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit"),
+    ]
+
+    def __init__(self, config: AppConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.prompts = load_prompts()
+        self.store = Store(config.database)
+        self.engine = EngineLoop(self._load_llm, wake=lambda: self.post_message(EngineActivity()))
+        self.conversations = Conversations(self.store, self.engine, self.prompts, config.params)
+        self.swarm = Swarm(self.conversations, load_turns(), config.swarm_params)
+        self.current_id: str = ""
+        self.model_status = "loading…"
+        self._picking = False
+        self._last_drain = 0.0
+        self._drain_pending = False
+
+    # -- layout and lifetime ------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            yield SessionList(id="sessions")
+            with Vertical(id="chat"):
+                yield ChatView(id="chat-view")
+                yield SlashHints(id="slash-hints")
+                yield PromptInput(list(self.prompts), id="prompt")
+            with Vertical(id="cache"):
+                yield Static("KV cache — block map", classes="panel-title")
+                yield BlockMap(id="block-map")
+                yield Legend(id="legend")
+                yield CacheStats(id="cache-stats")
+                yield Static("Block table: logical→physical ×refs hit/miss", classes="panel-title")
+                with VerticalScroll(id="block-table-scroll"):
+                    yield BlockTable(id="block-table")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        sessions = self.conversations.sessions
+        self.current_id = next(reversed(sessions)) if sessions else self._create(DEFAULT_PROMPT).id
+        self.sub_title = self.model_status
+        self.engine.start()
+        if self.config.swarm:
+            self.swarm.spawn(self.config.swarm)
+        self.set_interval(self.config.refresh_interval, self._refresh_cache)
+        await self._show_current()
+        self._refresh_cache()
+        self.query_one(PromptInput).focus()
+
+    def on_unmount(self) -> None:
+        self.engine.close(timeout=2.0)
+        self.store.close()
+
+    def _load_llm(self, progress: ProgressFn):
+        from chatpager import LLM  # torch and transformers load on the engine thread
+
+        c = self.config
+        return LLM(model=c.model, num_blocks=c.num_blocks, block_size=c.block_size,
+                   device=c.device, dtype=c.dtype, attention=c.attention, progress=progress)
+
+    @property
+    def current(self) -> Session:
+        return self.conversations.sessions[self.current_id]
+
+    # -- engine events --------------------------------------------------------------------------
+    async def on_engine_activity(self, _: EngineActivity) -> None:
+        # Each batch costs a Markdown append and a sidebar update: apply a few a second, not
+        # one per engine step, so the engine thread keeps the CPU.
+        if self._drain_pending:
+            return
+        delay = self._last_drain + DRAIN_INTERVAL - time.monotonic()
+        if delay > 0:
+            self._drain_pending = True
+            self.set_timer(delay, self._apply_engine_events)
+        else:
+            await self._apply_engine_events()
+
+    async def _apply_engine_events(self) -> None:
+        self._drain_pending = False
+        self._last_drain = time.monotonic()
+        events = self.engine.drain()
+        for event in events:
+            if isinstance(event, LoadProgress):
+                percent = "" if event.fraction is None else f" {100 * event.fraction:.0f}%"
+                self._set_model_status(f"loading: {event.stage}{percent}")
+            elif isinstance(event, Loaded):
+                info = event.model_info
+                self._set_model_status(
+                    f"{info['name']} · {info['device']} · {info['dtype']} · {info['attention']}"
+                )
+            elif isinstance(event, LoadFailed):
+                self._set_model_status("failed to load")
+                self.notify(event.message, title="Model load failed", severity="error", timeout=15)
+        changes = self.conversations.apply(events)
+        for notice in changes.notices:
+            title = self.conversations.sessions[notice.session_id].title
+            self.notify(notice.message, title=title, severity=notice.severity, timeout=8)
+        self.swarm.advance(changes.finished)
+        if self.current_id in changes.sessions:
+            await self._show_current()
+        elif changes.sessions:
+            self._refresh_sidebar()
+
+    def _set_model_status(self, status: str) -> None:
+        self.model_status = status
+        self.sub_title = status
+
+    def _refresh_cache(self) -> None:
+        snapshot = self.engine.snapshot
+        stats_widget = self.query_one(CacheStats)
+        if snapshot is None:
+            stats_widget.show_status(self.model_status)
+            return
+        self.conversations.observe(snapshot)
+        session = self.current
+        views = [
+            v for v in snapshot.sequences
+            if session.request_id and v.request_id.split(".")[0] == session.request_id
+        ]
+        block_map = self.query_one(BlockMap)
+        block_map.show(snapshot, {block for view in views for block in view.block_table})
+        stats_widget.show(snapshot.stats, self.model_status)
+        note = (
+            f"{session.title} is {session.state}: it holds no blocks. Its history's full blocks "
+            "stay in the prefix cache, so the next turn only computes what is not cached"
+            + (f" (last turn: {session.cached_tokens} of {session.tokens} tokens were hits)."
+               if session.tokens else ".")
+        )
+        self.query_one(BlockTable).show(
+            views, snapshot.refcounts, snapshot.block_size, block_map.copied_blocks, note
+        )
+        self._refresh_sidebar()
+        self.query_one(ChatView).show_state(session)
+
+    def _refresh_sidebar(self) -> None:
+        self.query_one(SessionList).show(list(self.conversations.sessions.values()), self.current_id)
+
+    async def _show_current(self) -> None:
+        session = self.current
+        await self.query_one(ChatView).sync(session)
+        self._refresh_sidebar()
+        if session.choices and not self._picking:
+            self._picking = True
+            self.push_screen(PickReplyScreen(session.choices), partial(self._picked, session))
+
+    # -- input ------------------------------------------------------------------------------------
+    async def on_prompt_submitted(self, message: PromptSubmitted) -> None:
+        if message.text.startswith("/"):
+            await self.run_slash(message.text)
+        else:
+            await self._attempt(lambda: self.conversations.send(self.current, message.text))
+        self.query_one(SlashHints).show_for("")
+
+    def on_text_area_changed(self, event: PromptInput.Changed) -> None:
+        self.query_one(SlashHints).show_for(event.text_area.text)
+
+    async def on_session_selected(self, message: SessionSelected) -> None:
+        await self._switch_to(message.session_id)
+        self.query_one(PromptInput).focus()
+
+    async def _attempt(self, action: Callable[[], object]) -> None:
+        """Run a user's request; what cannot be done is said in a notification."""
+        try:
+            action()
+        except (UserError, ValueError, OSError) as error:
+            self.notify(str(error), severity="warning")
+        await self._show_current()
+
+    async def run_slash(self, text: str) -> None:
+        try:
+            command, argument = slash.parse(text)
+            await getattr(self, f"_slash_{command.name}")(argument)
+        except (UserError, ValueError, OSError) as error:
+            self.notify(str(error), severity="warning")
+        await self._show_current()
+
+    async def _slash_new(self, argument: str) -> None:
+        if not argument:
+            self.action_new_session()
+            return
+        if argument not in self.prompts:
+            raise UserError(f"no prompt named {argument!r}; prompts: {', '.join(self.prompts)}")
+        await self._switch_to(self._create(argument).id)
+
+    async def _slash_fork(self, _: str) -> None:
+        await self.action_fork()
+
+    async def _slash_system(self, argument: str) -> None:
+        if not argument:
+            raise UserError(f"usage: /system <name|text>; prompts: {', '.join(self.prompts)}")
+        self.conversations.set_system(self.current, argument)
+        self.notify(f"System prompt: {self.current.prompt_name} (used from the next turn)")
+
+    async def _slash_regen(self, argument: str) -> None:
+        n = int(argument or 1)
+        if not 1 <= n <= MAX_ALTERNATIVES:
+            raise UserError(f"/regen takes 1 to {MAX_ALTERNATIVES} alternatives")
+        self.conversations.regenerate(self.current, n)
+
+    async def _slash_stop(self, _: str) -> None:
+        self.action_stop()
+
+    async def _slash_clear(self, _: str) -> None:
+        self.conversations.clear(self.current)
+
+    async def _slash_export(self, argument: str) -> None:
+        words = argument.split(maxsplit=1)
+        fmt = words.pop(0) if words and words[0] in FORMATS else "md"
+        path = export(self.current, fmt, Path(words[0]) if words else None)
+        self.notify(f"Exported to {path}")
+
+    async def _slash_swarm(self, argument: str) -> None:
+        count = int(argument or DEMO_TENANTS)
+        if count <= 0:
+            self.swarm.stop_all()
+            self.notify("Swarm stopped")
+            return
+        self.swarm.spawn(count)
+        self.notify(f"{count} tenants started: watch the block map")
+
+    async def _slash_help(self, _: str) -> None:
+        self.action_help()
+
+    # -- actions ----------------------------------------------------------------------------------
+    def _create(self, prompt_name: str) -> Session:
+        return self.conversations.create(prompt_name)
+
+    def action_new_session(self) -> None:
+        async def chosen(name: str | None) -> None:
+            if name:
+                await self._switch_to(self._create(name).id)
+
+        self.push_screen(PromptPicker(self.prompts), chosen)
+
+    async def action_fork(self) -> None:
+        fork = self.conversations.fork(self.current)
+        await self._switch_to(fork.id)
+        self.notify(f"Forked into {fork.title}: its next turn reuses the shared prefix blocks")
+
+    def action_stop(self) -> None:
+        session = self.current
+        if self.swarm.is_tenant(session):
+            self.swarm.stop(session)
+        else:
+            self.conversations.stop(session)
+
+    async def action_regenerate(self) -> None:
+        await self._attempt(
+            lambda: self.conversations.regenerate(self.current, REGENERATE_ALTERNATIVES)
+        )
+
+    async def action_switch(self, offset: int) -> None:
+        ids = list(self.conversations.sessions)
+        index = (ids.index(self.current_id) + offset) % len(ids)
+        await self._switch_to(ids[index])
+
+    def action_rename(self) -> None:
+        session = self.current
+
+        def renamed(title: str | None) -> None:
+            if title:
+                self.conversations.rename(session, title)
+                self.call_later(self._show_current)
+
+        self.push_screen(RenameScreen(session.title), renamed)
+
+    def action_delete(self) -> None:
+        session = self.current
+
+        async def confirmed(yes: bool | None) -> None:
+            if not yes:
+                return
+            ids = list(self.conversations.sessions)
+            index = ids.index(session.id)
+            if self.swarm.is_tenant(session):
+                self.swarm.stop(session)
+            self.conversations.delete(session)
+            ids.remove(session.id)
+            target = ids[min(index, len(ids) - 1)] if ids else self._create(DEFAULT_PROMPT).id
+            await self._switch_to(target)
+
+        self.push_screen(ConfirmScreen(f"Delete {session.title!r} and its messages?"), confirmed)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.help_sections()))
+
+    def help_sections(self) -> list[tuple[str, list[Binding]]]:
+        return [("Keys", list(self.BINDINGS)), ("In the message input", list(PromptInput.BINDINGS))]
+
+    async def _switch_to(self, session_id: str) -> None:
+        self.current_id = session_id
+        await self._show_current()
+        self._refresh_cache()
+
+    def _picked(self, session: Session, index: int | None) -> None:
+        self._picking = False
+        if session.id in self.conversations.sessions and session.choices:
+            self.conversations.pick(session, index)
+        self.call_later(self._show_current)
+
+    # -- command palette ----------------------------------------------------------------------
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for command in slash.COMMANDS:
+            if command.name in ("new", "system"):
+                continue
+            yield SystemCommand(
+                command.signature, command.help, partial(self.run_slash, f"/{command.name}")
+            )
+        for name in self.prompts:
+            yield SystemCommand(f"/new {name}", f"New session with the {name} prompt",
+                                partial(self.run_slash, f"/new {name}"))
+            yield SystemCommand(f"/system {name}", f"Use the {name} prompt in this session",
+                                partial(self.run_slash, f"/system {name}"))
+        yield SystemCommand("/regen 3", "Three alternatives for the last reply",
+                            partial(self.run_slash, "/regen 3"))
+        yield SystemCommand("/export json", "Write this session as JSON",
+                            partial(self.run_slash, "/export json"))
+        yield SystemCommand("/swarm 0", "Stop every simulated tenant",
+                            partial(self.run_slash, "/swarm 0"))

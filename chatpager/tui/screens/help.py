@@ -1,0 +1,51 @@
+"""The help screen, generated from the app's bindings and the slash command table."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from chatpager.tui import slash
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,f1,question_mark,q", "dismiss", "Close", id="help.close")]
+
+    def __init__(self, sections: Sequence[tuple[str, Sequence[Binding]]]) -> None:
+        super().__init__()
+        self.sections = sections
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help-body"):
+            yield Static("chatpager — keys and commands", id="help-title")
+            for title, bindings in self.sections:
+                yield Static(self._keys_table(title, bindings))
+            yield Static(self._commands_table())
+            yield Static("Esc closes this screen.", classes="dim")
+
+    def _keys_table(self, title: str, bindings: Sequence[Binding]) -> Table:
+        table = Table(title=title, title_justify="left", show_header=False, box=None, expand=True)
+        table.add_column(style="bold", width=18)
+        table.add_column()
+        for binding in bindings:
+            if binding.description:
+                keys = binding.key_display or " / ".join(
+                    self.app.get_key_display(Binding(key, binding.action))
+                    for key in binding.key.split(",")
+                )
+                table.add_row(keys, binding.description)
+        return table
+
+    def _commands_table(self) -> Table:
+        table = Table(title="Slash commands (type / in the input)", title_justify="left",
+                      show_header=False, box=None, expand=True)
+        table.add_column(style="bold", width=26)
+        table.add_column()
+        for command in slash.COMMANDS:
+            table.add_row(command.signature, command.help)
+        return table

@@ -1,0 +1,60 @@
+"""The focused session's block tables: logical block → physical block, refcount, hit/miss."""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from rich.text import Text
+from textual.widgets import Static
+
+from chatpager.engine.outputs import SequenceView
+from chatpager.tui.widgets.block_map import COW_STYLE, SHARED_STYLES, USED_STYLE
+
+
+
+ENTRY_WIDTH = 16  # "  7→ 123×2 hit " and a space
+
+
+def describe(
+    view: SequenceView,
+    refcounts: Sequence[int],
+    block_size: int,
+    copied: Collection[int],
+    columns: int,
+) -> Text:
+    """A header line, then `logical→physical ×refcount hit|miss|cow` for every block."""
+    hit_blocks = view.num_cached_tokens // block_size
+    text = Text.assemble(
+        (view.request_id, "bold"),
+        f" {view.status} · {view.num_tokens} tok, {view.num_cached_tokens} cached",
+    )
+    for index, block in enumerate(view.block_table):
+        text.append("\n" if index % columns == 0 else " ")
+        refcount = refcounts[block]
+        style = SHARED_STYLES[min(refcount, 4) - 2] if refcount > 1 else USED_STYLE
+        text.append(f"{index:>3}→{block:>4}", style)
+        text.append(f"×{refcount:<2}" if refcount > 1 else "   ", style)
+        if block in copied:
+            text.append("cow ", COW_STYLE)
+        elif index < hit_blocks:
+            text.append("hit ")
+        else:
+            text.append("miss", "dim")
+    return text
+
+
+class BlockTable(Static):
+    def show(
+        self,
+        views: Sequence[SequenceView],
+        refcounts: Sequence[int],
+        block_size: int,
+        copied: Collection[int],
+        idle_note: str,
+    ) -> None:
+        if not views:
+            self.update(Text(idle_note, style="dim"))
+            return
+        columns = max(1, (self.size.width + 1) // ENTRY_WIDTH)
+        self.update(
+            Text("\n").join(describe(v, refcounts, block_size, copied, columns) for v in views)
+        )

@@ -1,0 +1,62 @@
+"""The message input: multi-line; Enter sends, Ctrl+J (or Shift+Enter) starts a new line.
+
+While a slash command is typed, its completion shows as a suggestion that Tab (or the
+right arrow) accepts.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from textual.binding import Binding
+from textual.widgets import TextArea
+
+from chatpager.tui import slash
+from chatpager.tui.messages import PromptSubmitted
+
+
+class PromptInput(TextArea):
+    BINDINGS = [
+        Binding("enter", "submit", "Send", priority=True, id="input.send"),
+        Binding(
+            "ctrl+j,shift+enter,alt+enter",
+            "newline",
+            "New line",
+            key_display="^j",
+            priority=True,
+            id="input.newline",
+        ),
+        Binding("tab", "complete", "Complete", show=False, priority=True, id="input.complete"),
+    ]
+
+    def __init__(self, prompt_names: Sequence[str] = (), id: str | None = None) -> None:
+        super().__init__(id=id, soft_wrap=True, show_line_numbers=False, compact=True)
+        self.prompt_names = list(prompt_names)
+        self.placeholder = "Message (Enter sends, ^j new line, / for commands)"
+
+    def update_suggestion(self) -> None:
+        at_end = self.cursor_location == self.document.end
+        self.suggestion = slash.suggest(self.text, self.prompt_names) if at_end else ""
+
+    # These are priority bindings, so they run before keys typed just ahead of them have
+    # reached this widget (a fast typist, a terminal sending a burst): each one queues its
+    # work behind those keys.
+    def action_submit(self) -> None:
+        self.call_later(self._submit)
+
+    def action_newline(self) -> None:
+        self.call_later(self.insert, "\n")
+
+    def action_complete(self) -> None:
+        self.call_later(self._complete)
+
+    def _submit(self) -> None:
+        text = self.text.strip()
+        if text:
+            self.clear()
+            self.post_message(PromptSubmitted(text))
+
+    def _complete(self) -> None:
+        if self.suggestion:
+            self.insert(self.suggestion)
+        else:
+            self.screen.focus_next()
