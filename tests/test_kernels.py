@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +226,21 @@ def test_write_kv_triton_matches_torch(dtype: torch.dtype, block_size: int) -> N
     assert torch.equal(k_tri, k_ref) and torch.equal(v_tri, v_ref)
     written = k_tri.view(-1, num_kv_heads, head_dim)[slots[slots >= 0]]
     assert torch.equal(written, k[slots >= 0].to(dtype))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only switched on without a GPU")
+def test_kernels_run_when_something_imported_triton_first() -> None:
+    """transformers imports triton before chatpager can set TRITON_INTERPRET; that must not matter."""
+    code = """
+import triton, torch
+from chatpager.kernels import paged_attention_torch, paged_attention_triton
+q, k, v = torch.randn(3, 4, 16), torch.randn(4, 2, 2, 16), torch.randn(4, 2, 2, 16)
+args = (q, k, v, torch.tensor([[3, 1]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
+        torch.tensor([0, 3], dtype=torch.int32), 0.25)
+torch.testing.assert_close(paged_attention_triton(*args), paged_attention_torch(*args))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 
 def test_kernel_bench_smoke_mode(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -1,12 +1,16 @@
 """The one place that decides how Triton runs: compiled on a CUDA GPU, or interpreted on CPU.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated with `@triton.jit`, so the variable
-must be set before any kernel module is imported. Every Triton module in chatpager gets
-`triton` from `import_triton()` instead of importing it directly; that keeps the switch in
-one function and makes "import the kernels on a machine without a GPU" just work.
+Triton reads TRITON_INTERPRET when a function is decorated with `@triton.jit`. That happens
+for our kernels when their modules are imported, and for Triton's own library of jit helpers
+(`tl.max`, `tl.sum`, `tl.zeros`, `tl.cdiv`, ...) when triton itself is first imported. Every
+Triton module in chatpager gets `triton` from `import_triton()`, which sets the variable first.
+If something else imported triton earlier with the interpreter off (transformers does, through
+torch), the library helpers were decorated for the compiler and fail inside an interpreted
+kernel; `import_triton` then decorates them again under the interpreter.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -26,7 +30,23 @@ def import_triton(interpret: bool | None = None) -> ModuleType:
         os.environ["TRITON_INTERPRET"] = "1"
     import triton
 
+    if interpret:
+        _interpret_triton_library()
     return triton
+
+
+def _interpret_triton_library() -> None:
+    """Re-decorate triton.language's jit helpers if they were decorated for the compiler."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(tl.standard.max, InterpretedFunction):
+        return
+    old = dict(vars(tl.standard))
+    importlib.reload(tl.standard)  # TRITON_INTERPRET is set now: the helpers come back interpreted
+    for name, value in list(vars(tl).items()):
+        if name in old and value is old[name]:
+            setattr(tl, name, getattr(tl.standard, name))
 
 
 def interpreting() -> bool:
