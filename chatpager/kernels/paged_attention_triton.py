@@ -71,7 +71,8 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SPLIT_KV: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Which sequence, which of its query blocks, which KV head and which KV split.
     pid = tl.program_id(0)
@@ -125,8 +126,7 @@ def _paged_attention_kernel(
         v = tl.load(v_cache_ptr + v_offs, mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)
 
         # Stage 3: scores in log2 units, causal and length masks.
-        # "ieee" keeps fp32 inputs exact (no TF32); fp16/bf16 inputs use tensor cores anyway.
-        s = tl.dot(q, k.to(DOT_DTYPE), input_precision="ieee") * qk_scale
+        s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
 
         # Stage 4: online softmax: rescale what we have to the new max, add this tile.
@@ -134,7 +134,7 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Stage 5: store. Masked rows may have l_i == 0; divide by 1 there instead of NaN.
@@ -175,16 +175,35 @@ def _merge_splits_kernel(
 
 @dataclass(frozen=True, slots=True)
 class LaunchPlan:
-    """Tile sizes and grid of one call; a function of shapes only, so it never syncs the GPU."""
+    """Tile sizes, grid and compile-time constants of one call; a function of shapes and
+    dtypes only, so planning never syncs the GPU."""
 
+    head_dim: int
     head_dim_pad: int  # head_dim rounded up to a power of two >= 16 (tl.dot needs >= 16)
     group: int  # query heads per KV head
     group_pad: int
     block_q: int  # query tokens per program
     block_m: int  # rows per program: block_q * group_pad
     tile_n: int  # key positions per inner-loop tile
+    block_size: int
+    dot_dtype: tl.dtype
     num_q_programs: int  # grid axis 0, an upper bound; surplus programs exit at once
     num_splits: int  # grid axis 2; > 1 means split-KV plus the merge kernel
+    num_warps: int
+
+    def constexprs(self) -> dict:
+        """The attention kernel's tl.constexpr arguments."""
+        return dict(
+            HEAD_DIM=self.head_dim, HEAD_DIM_PAD=self.head_dim_pad, GROUP=self.group, GROUP_PAD=self.group_pad,
+            BLOCK_Q=self.block_q, BLOCK_M=self.block_m, TILE_N=self.tile_n, BLOCK_SIZE=self.block_size,
+            SPLIT_KV=self.num_splits > 1, DOT_DTYPE=self.dot_dtype,
+            DOT_PRECISION="ieee" if self.dot_dtype == tl.float32 else "tf32",  # fp32 callers get fp32, not TF32
+        )
+
+    def merge_constexprs(self) -> dict:
+        """The merge kernel's tl.constexpr arguments."""
+        return dict(HEAD_DIM=self.head_dim, HEAD_DIM_PAD=self.head_dim_pad,
+                    SPLITS_PAD=max(2, triton.next_power_of_2(self.num_splits)))
 
 
 def plan_launch(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -205,9 +224,13 @@ def plan_launch(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tens
         # The table width bounds the longest context without reading seq_lens on the host.
         max_context = block_tables.shape[1] * block_size
         num_splits = _choose_num_splits(num_q_programs * num_kv_heads, max_context, q.device) if decode_only else 1
-    return LaunchPlan(head_dim_pad=head_dim_pad, group=group, group_pad=group_pad, block_q=block_q,
-                      block_m=block_m, tile_n=64 if head_dim_pad <= 128 else 32,
-                      num_q_programs=num_q_programs, num_splits=num_splits)
+    # Sized so that ptxas (sm_90) keeps every tile in registers without spilling: fp32 runs its
+    # dots on FMA units ("ieee") and wide heads hold larger tiles, so both take 16-key tiles.
+    tile_n = 16 if head_dim_pad > 128 or q.dtype == torch.float32 else 32
+    return LaunchPlan(head_dim=head_dim, head_dim_pad=head_dim_pad, group=group, group_pad=group_pad,
+                      block_q=block_q, block_m=block_m, tile_n=tile_n, block_size=block_size,
+                      dot_dtype=_dot_dtype(q.dtype), num_q_programs=num_q_programs, num_splits=num_splits,
+                      num_warps=4 if block_m <= 16 else 8)
 
 
 def paged_attention_triton(
@@ -232,7 +255,7 @@ def paged_attention_triton(
         t.contiguous() for t in (block_tables, seq_lens, query_start_loc))
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, num_heads, _ = q.shape
     if num_tokens == 0:
         return out
     plan = plan_launch(q, k_cache, block_tables, num_splits)
@@ -251,17 +274,13 @@ def paged_attention_triton(
         scale * _LOG2E, seq_lens.numel(), splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad, GROUP=plan.group, GROUP_PAD=plan.group_pad,
-        BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, TILE_N=plan.tile_n,
-        BLOCK_SIZE=k_cache.shape[1], SPLIT_KV=splits > 1, DOT_DTYPE=_dot_dtype(q.dtype),
-        num_warps=4 if plan.block_m <= 16 else 8,
+        **plan.constexprs(), num_warps=plan.num_warps,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_out, part_max, part_sum,
             splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=plan.head_dim_pad,
-            SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+            **plan.merge_constexprs(),
         )
     return out
 

@@ -20,12 +20,14 @@ import torch
 def import_triton(interpret: bool | None = None) -> ModuleType:
     """Import triton, switching its interpreter on first when kernels cannot be compiled here.
 
-    interpret=None: interpret exactly when no CUDA device is available.
-    interpret=True forces the interpreter (e.g. to exercise a GPU machine's code path on CPU
-    tensors); it only affects kernels decorated after this call.
+    interpret=None: interpret when no CUDA device is available, unless TRITON_INTERPRET is
+    already set (an explicit choice wins, e.g. TRITON_INTERPRET=0 to compile kernels for a GPU
+    target on a machine without one). interpret=True forces the interpreter (e.g. to run a
+    GPU machine's code path on CPU tensors); it only affects kernels decorated after this call.
     """
     if interpret is None:
-        interpret = not torch.cuda.is_available()
+        explicit = os.environ.get("TRITON_INTERPRET")
+        interpret = _truthy(explicit) if explicit is not None else not torch.cuda.is_available()
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
     import triton
@@ -51,7 +53,11 @@ def _interpret_triton_library() -> None:
 
 def interpreting() -> bool:
     """True when Triton kernels run under the interpreter (and so accept CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return _truthy(os.environ.get("TRITON_INTERPRET", "0"))
+
+
+def _truthy(value: str) -> bool:
+    return value.lower() in ("1", "true", "on", "yes")
 
 
 def triton_available() -> bool:
