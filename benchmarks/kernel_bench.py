@@ -40,6 +40,18 @@ L2_FLUSH_BYTES = 512 * 2**20  # well above any L2, and ~0.2 ms of writes to hide
 MEMORY_HEADROOM = 0.9  # use at most this share of free GPU memory for one config's tensors
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What every config of one run shares."""
+
+    device: torch.device
+    heads: tuple[int, int, int]  # query heads, KV heads, head_dim
+    num_splits: int | None  # None: the kernel's heuristic
+    reps: int
+    copy_gbps: float  # the device bandwidth every bw_share is relative to
+    flush: torch.Tensor | None  # written before each timed call to evict K/V from L2
+
+
 @dataclass
 class Result:
     batch: int
@@ -82,36 +94,39 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     import_triton(interpret=args.interpret or None)  # before the kernels are imported
-    from chatpager.kernels import paged_attention_triton
-    from chatpager.kernels.paged_attention_triton import plan_launch
-
     device = torch.device(args.device)
-    heads = (TINY_HEADS, TINY_KV_HEADS, TINY_HEAD_DIM) if args.tiny else (HEADS, KV_HEADS, HEAD_DIM)
-    copy_gbps = copy_bandwidth_gbps(device)
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    setup = Setup(
+        device=device,
+        heads=(TINY_HEADS, TINY_KV_HEADS, TINY_HEAD_DIM) if args.tiny else (HEADS, KV_HEADS, HEAD_DIM),
+        num_splits=args.num_splits,
+        reps=args.reps,
+        copy_gbps=copy_bandwidth_gbps(device),
+        flush=torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None,
+    )
     results, skipped = [], []
     for block_size in args.block_sizes:
         for context in args.contexts:
             for batch in args.batches:
-                result = bench_config(paged_attention_triton, plan_launch, device, heads, batch, context,
-                                      block_size, args.num_splits, args.reps, copy_gbps, flush)
+                result = bench_config(setup, batch, context, block_size)
                 (results if isinstance(result, Result) else skipped).append(result)
 
-    print_table(results, skipped, device, copy_gbps)
+    print_table(results, skipped, device, setup.copy_gbps)
     if args.json:
-        report = dict(device=device_name(device), dtype="bfloat16", heads=heads[0], kv_heads=heads[1],
-                      head_dim=heads[2], copy_gbps=copy_gbps, results=[asdict(r) for r in results],
+        num_heads, num_kv_heads, head_dim = setup.heads
+        report = dict(device=device_name(device), dtype="bfloat16", heads=num_heads, kv_heads=num_kv_heads,
+                      head_dim=head_dim, copy_gbps=setup.copy_gbps, results=[asdict(r) for r in results],
                       skipped=skipped)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
 
 
-def bench_config(attention: Callable, plan_launch: Callable, device: torch.device, heads: tuple[int, int, int], batch: int, context: int,
-                 block_size: int, num_splits: int | None, reps: int, copy_gbps: float,
-                 flush: torch.Tensor | None) -> Result | str:
+def bench_config(setup: Setup, batch: int, context: int, block_size: int) -> Result | str:
     """Time one config; returns a skip reason instead when its tensors do not fit."""
-    num_heads, num_kv_heads, head_dim = heads
+    from chatpager.kernels.paged_attention_triton import paged_attention_triton, plan_launch
+
+    device, reps, flush, num_splits = setup.device, setup.reps, setup.flush, setup.num_splits
+    num_heads, num_kv_heads, head_dim = setup.heads
     if context % block_size:
         return f"batch {batch} context {context} block {block_size}: context not a multiple of block size"
     kv_bytes = 2 * batch * context * num_kv_heads * head_dim * torch.bfloat16.itemsize  # K and V
@@ -131,7 +146,8 @@ def bench_config(attention: Callable, plan_launch: Callable, device: torch.devic
     scale = head_dim ** -0.5
 
     def run_triton() -> None:
-        attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out, num_splits=num_splits)
+        paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out=out,
+                               num_splits=num_splits)
 
     triton_ms = time_ms(run_triton, reps, device, flush)
     kv_gbps = kv_bytes / triton_ms / 1e6
@@ -152,7 +168,8 @@ def bench_config(attention: Callable, plan_launch: Callable, device: torch.devic
     del k_cache, v_cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Result(batch, context, block_size, splits, triton_ms, kv_gbps, kv_gbps / copy_gbps, sdpa_ms, vs_sdpa, err)
+    return Result(batch, context, block_size, splits, triton_ms, kv_gbps, kv_gbps / setup.copy_gbps, sdpa_ms,
+                  vs_sdpa, err)
 
 
 def contiguous_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -171,6 +188,7 @@ def fits(device: torch.device, nbytes: int) -> bool:
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's cached blocks
     return nbytes < MEMORY_HEADROOM * free
 
 
