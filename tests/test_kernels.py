@@ -133,6 +133,7 @@ CASES = [
     Case((3, 1), (11, 20), block_size=1, heads=(4, 2)),
     Case((1, 4), (9, 14), block_size=2, heads=(6, 2), head_dim=80),
     Case((2, 1), (13, 7), block_size=4, heads=(8, 1)),
+    Case((2, 5), (13, 29), block_size=3, heads=(6, 2)),  # not a power of two: works too
     Case((1, 5), (30, 40), heads=(8, 2), dtype=torch.bfloat16, shared=True),
     # split-KV forced on: decode and mixed batches, more splits than tiles, shared blocks
     Case((1, 1, 1), (130, 1, 64), num_splits=2),
@@ -219,7 +220,8 @@ def test_write_kv_triton_matches_torch(dtype: torch.dtype, block_size: int) -> N
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
     slots[::4] = -1  # skipped tokens
     slots = slots.to(DEVICE)
-    k_ref, v_ref = torch.randn(shape, generator=gen).to(DEVICE, dtype), torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    k_ref = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    v_ref = torch.randn(shape, generator=gen).to(DEVICE, dtype)
     k_tri, v_tri = k_ref.clone(), v_ref.clone()
     write_kv_torch(k, v, k_ref, v_ref, slots)
     write_kv_triton(k, v, k_tri, v_tri, slots)
