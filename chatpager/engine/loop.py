@@ -139,6 +139,9 @@ class EngineLoop:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def drain(self) -> list[Event]:
         """Take every pending event, oldest first."""
         with self._lock:

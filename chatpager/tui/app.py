@@ -1,4 +1,4 @@
-"""The chatpager app: sessions on the left, the chat in the middle, the KV cache on the right.
+"""The chatpager app: many chat sessions on one engine, and its KV cache on show.
 
 The engine runs in an EngineLoop thread. The app drains its events when woken (one
 coalesced EngineActivity message per burst) and pulls the latest CacheSnapshot on a timer;
@@ -11,11 +11,9 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
 
 from chatpager.engine.loop import EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
 from chatpager.tui import slash
@@ -26,20 +24,14 @@ from chatpager.tui.messages import EngineActivity, PromptSubmitted, SessionSelec
 from chatpager.tui.prompts import DEFAULT_PROMPT, load_prompts
 from chatpager.tui.screens.confirm import ConfirmScreen
 from chatpager.tui.screens.help import HelpScreen
+from chatpager.tui.screens.main import MainScreen
 from chatpager.tui.screens.pick_reply import PickReplyScreen
 from chatpager.tui.screens.prompt_picker import PromptPicker
 from chatpager.tui.screens.rename import RenameScreen
 from chatpager.tui.session import Session
 from chatpager.tui.store import Store
 from chatpager.tui.swarm import Swarm, load_turns
-from chatpager.tui.widgets.block_map import BlockMap
-from chatpager.tui.widgets.block_table import BlockTable
-from chatpager.tui.widgets.cache_stats import CacheStats
-from chatpager.tui.widgets.chat_view import ChatView
-from chatpager.tui.widgets.legend import Legend
 from chatpager.tui.widgets.prompt_input import PromptInput
-from chatpager.tui.widgets.session_list import SessionList
-from chatpager.tui.widgets.slash_hints import SlashHints
 
 DRAIN_INTERVAL = 0.08  # seconds: engine events are applied in batches at most this often
 REGENERATE_ALTERNATIVES = 3  # what the regenerate key asks for; /regen n for any n
@@ -49,7 +41,7 @@ DEMO_TENANTS = 8
 
 class ChatpagerApp(App, inherit_bindings=False):
     TITLE = "chatpager"
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # also for subclasses elsewhere
     BINDINGS = [
         Binding("ctrl+n", "new_session", "New", id="session.new"),
         Binding("ctrl+f", "fork", "Fork", priority=True, id="session.fork"),
@@ -77,37 +69,23 @@ class ChatpagerApp(App, inherit_bindings=False):
         self._picking = False
         self._last_drain = 0.0
         self._drain_pending = False
+        self.main = MainScreen(list(self.prompts))
 
-    # -- layout and lifetime ------------------------------------------------------------------
-    def compose(self) -> ComposeResult:
-        yield Header()
-        with Horizontal(id="main"):
-            yield SessionList(id="sessions")
-            with Vertical(id="chat"):
-                yield ChatView(id="chat-view")
-                yield SlashHints(id="slash-hints")
-                yield PromptInput(list(self.prompts), id="prompt")
-            with Vertical(id="cache"):
-                yield Static("KV cache — block map", classes="panel-title")
-                yield BlockMap(id="block-map")
-                yield Legend(id="legend")
-                yield CacheStats(id="cache-stats")
-                yield Static("Block table: logical→physical ×refs hit/miss", classes="panel-title")
-                with VerticalScroll(id="block-table-scroll"):
-                    yield BlockTable(id="block-table")
-        yield Footer()
+    # -- lifetime -----------------------------------------------------------------------------
+    def get_default_screen(self) -> Screen:
+        return self.main
 
-    async def on_mount(self) -> None:
+    async def on_ready(self) -> None:
         sessions = self.conversations.sessions
         self.current_id = next(reversed(sessions)) if sessions else self._create(DEFAULT_PROMPT).id
         self.sub_title = self.model_status
         self.engine.start()
         if self.config.swarm:
             self.swarm.spawn(self.config.swarm)
-        self.set_interval(self.config.refresh_interval, self._refresh_cache)
+        # On the screen, not the app: it stops with the screen's widgets when the app closes.
+        self.main.set_interval(self.config.refresh_interval, self._refresh_cache)
         await self._show_current()
         self._refresh_cache()
-        self.query_one(PromptInput).focus()
 
     def on_unmount(self) -> None:
         self.engine.close(timeout=2.0)
@@ -169,37 +147,17 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     def _refresh_cache(self) -> None:
         snapshot = self.engine.snapshot
-        stats_widget = self.query_one(CacheStats)
-        if snapshot is None:
-            stats_widget.show_status(self.model_status)
-            return
-        self.conversations.observe(snapshot)
-        session = self.current
-        views = [
-            v for v in snapshot.sequences
-            if session.request_id and v.request_id.split(".")[0] == session.request_id
-        ]
-        block_map = self.query_one(BlockMap)
-        block_map.show(snapshot, {block for view in views for block in view.block_table})
-        stats_widget.show(snapshot.stats, self.model_status)
-        note = (
-            f"{session.title} is {session.state}: it holds no blocks. Its history's full blocks "
-            "stay in the prefix cache, so the next turn only computes what is not cached"
-            + (f" (last turn: {session.cached_tokens} of {session.tokens} tokens were hits)."
-               if session.tokens else ".")
-        )
-        self.query_one(BlockTable).show(
-            views, snapshot.refcounts, snapshot.block_size, block_map.copied_blocks, note
-        )
+        if snapshot is not None:
+            self.conversations.observe(snapshot)
+        self.main.show_cache(snapshot, self.current, self.model_status)
         self._refresh_sidebar()
-        self.query_one(ChatView).show_state(session)
 
     def _refresh_sidebar(self) -> None:
-        self.query_one(SessionList).show(list(self.conversations.sessions.values()), self.current_id)
+        self.main.show_sessions(list(self.conversations.sessions.values()), self.current_id)
 
     async def _show_current(self) -> None:
         session = self.current
-        await self.query_one(ChatView).sync(session)
+        await self.main.show_chat(session)
         self._refresh_sidebar()
         if session.choices and not self._picking:
             self._picking = True
@@ -211,14 +169,10 @@ class ChatpagerApp(App, inherit_bindings=False):
             await self.run_slash(message.text)
         else:
             await self._attempt(lambda: self.conversations.send(self.current, message.text))
-        self.query_one(SlashHints).show_for("")
-
-    def on_text_area_changed(self, event: PromptInput.Changed) -> None:
-        self.query_one(SlashHints).show_for(event.text_area.text)
 
     async def on_session_selected(self, message: SessionSelected) -> None:
         await self._switch_to(message.session_id)
-        self.query_one(PromptInput).focus()
+        self.main.focus_input()
 
     async def _attempt(self, action: Callable[[], object]) -> None:
         """Run a user's request; what cannot be done is said in a notification."""

@@ -54,7 +54,9 @@ class BlockTable(Static):
         if not views:
             self.update(Text(idle_note, style="dim"))
             return
-        columns = max(1, (self.size.width + 1) // ENTRY_WIDTH)
+        # The container's width, not this widget's: that one follows the content.
+        width = self.parent.scrollable_content_region.width if self.parent else self.size.width
+        columns = max(1, (width + 1) // ENTRY_WIDTH)
         self.update(
             Text("\n").join(describe(v, refcounts, block_size, copied, columns) for v in views)
         )

@@ -46,7 +46,6 @@ class ChatView(VerticalScroll):
             if self._reply is None:
                 self._reply = ChatMessage("assistant")
                 await self.mount(self._reply, before="#chat-error")
-                self._stream = Markdown.get_stream(self._reply)
             await self._write(session.reply)
         elif self._reply is not None:
             await self._end_reply()
@@ -73,7 +72,12 @@ class ChatView(VerticalScroll):
         await self.mount(Static(header, id="chat-header", markup=False), Static(id="chat-error"))
 
     async def _write(self, text: str) -> None:
-        assert self._reply is not None and self._stream is not None
+        assert self._reply is not None
+        if text == self._written:
+            return
+        # The stream starts with the first text: a reply that ends before it has none to stop.
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self._reply)
         if text.startswith(self._written):
             await self._stream.write(printable(text[len(self._written):]))
         else:  # the text was cut back (a stop string): render it again, once

@@ -1,0 +1,105 @@
+"""The main screen: sessions on the left, the chat in the middle, the KV cache on the right.
+
+It only shows what it is given (sessions, the current session, a CacheSnapshot); the app
+decides what that is. It stays at the bottom of the screen stack, so the app can update it
+while a dialog is open.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from chatpager.engine.outputs import CacheSnapshot
+from chatpager.tui.messages import PromptSubmitted
+from chatpager.tui.session import Session
+from chatpager.tui.widgets.block_map import BlockMap
+from chatpager.tui.widgets.block_table import BlockTable
+from chatpager.tui.widgets.cache_stats import CacheStats
+from chatpager.tui.widgets.chat_view import ChatView
+from chatpager.tui.widgets.legend import Legend
+from chatpager.tui.widgets.prompt_input import PromptInput
+from chatpager.tui.widgets.session_list import SessionList
+from chatpager.tui.widgets.slash_hints import SlashHints
+
+
+def idle_note(session: Session) -> str:
+    last = (
+        f" (last turn: {session.cached_tokens} of {session.tokens} tokens were hits)."
+        if session.tokens
+        else "."
+    )
+    return (
+        f"{session.title} is {session.state}: it holds no blocks. Its history's full blocks "
+        f"stay in the prefix cache, so its next turn only computes what is not cached{last}"
+    )
+
+
+class MainScreen(Screen):
+    def __init__(self, prompt_names: Sequence[str]) -> None:
+        super().__init__()
+        self.prompt_names = list(prompt_names)
+        self._cache_shown: tuple = ()  # what show_cache last drew from
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            yield SessionList(id="sessions")
+            with Vertical(id="chat"):
+                yield ChatView(id="chat-view")
+                yield SlashHints(id="slash-hints")
+                yield PromptInput(self.prompt_names, id="prompt")
+            with Vertical(id="cache"):
+                yield Static("KV cache — block map", classes="panel-title")
+                yield BlockMap(id="block-map")
+                yield Legend(id="legend")
+                yield CacheStats(id="cache-stats")
+                yield Static("Block table: logical→physical ×refs hit/miss", classes="panel-title")
+                with VerticalScroll(id="block-table-scroll"):
+                    yield BlockTable(id="block-table")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.focus_input()
+
+    def focus_input(self) -> None:
+        self.query_one(PromptInput).focus()
+
+    def show_sessions(self, sessions: Sequence[Session], current_id: str) -> None:
+        self.query_one(SessionList).show(sessions, current_id)
+
+    async def show_chat(self, session: Session) -> None:
+        await self.query_one(ChatView).sync(session)
+
+    def show_cache(self, snapshot: CacheSnapshot | None, session: Session, model: str) -> None:
+        """The block map, counters and block table, with `session`'s blocks highlighted."""
+        shown = (snapshot, session.id, session.state, session.tokens, session.title, model)
+        if shown == self._cache_shown:  # nothing new: leave the widgets (and the screen) alone
+            return
+        self._cache_shown = shown
+        stats = self.query_one(CacheStats)
+        if snapshot is None:
+            stats.show_status(model)
+            return
+        views = [
+            view
+            for view in snapshot.sequences
+            if session.request_id and view.request_id.split(".")[0] == session.request_id
+        ]
+        block_map = self.query_one(BlockMap)
+        block_map.show(snapshot, {block for view in views for block in view.block_table})
+        stats.show(snapshot.stats, model)
+        self.query_one(BlockTable).show(
+            views, snapshot.refcounts, snapshot.block_size, block_map.copied_blocks,
+            idle_note(session),
+        )
+        self.query_one(ChatView).show_state(session)
+
+    def on_text_area_changed(self, event: PromptInput.Changed) -> None:
+        self.query_one(SlashHints).show_for(event.text_area.text)
+
+    def on_prompt_submitted(self, _: PromptSubmitted) -> None:
+        self.query_one(SlashHints).show_for("")  # the message goes on to the app

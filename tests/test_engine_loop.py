@@ -1,0 +1,115 @@
+"""EngineLoop: the engine on its own thread, driven through commands and read through events."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from chatpager import SamplingParams
+from chatpager.engine.loop import EngineLoop, Loaded, LoadFailed, LoadProgress, Rejected
+from chatpager.engine.outputs import RequestOutput
+
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+class Collector:
+    """Drains the loop whenever it is woken, the way the app does."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+        self.woken = threading.Event()
+
+    def wake(self) -> None:
+        self.woken.set()
+
+    def pump(self, loop: EngineLoop, until, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, "timed out waiting on the engine loop"
+            self.woken.wait(0.05)
+            self.woken.clear()
+            self.events.extend(loop.drain())
+
+    def finals(self) -> dict[str, RequestOutput]:
+        return {e.request_id: e for e in self.events if isinstance(e, RequestOutput) and e.finished}
+
+
+@pytest.fixture
+def started(tiny_llama):
+    from chatpager import LLM
+
+    collector = Collector()
+    loop = EngineLoop(lambda progress: LLM(model=tiny_llama, num_blocks=32, progress=progress),
+                      wake=collector.wake, snapshot_interval=0.01)
+    loop.start()
+    yield loop, collector
+    loop.close()
+
+
+def test_commands_queued_before_the_model_loads_are_served(started):
+    loop, collector = started
+    loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    collector.pump(loop, lambda: "a" in collector.finals())
+    kinds = [type(e) for e in collector.events]
+    assert kinds.index(LoadProgress) < kinds.index(Loaded) < kinds.index(RequestOutput)
+    final = collector.finals()["a"]
+    assert len(final.token_ids) == 8 and final.finish_reason == "length"
+    assert loop.model_info["device"] == "cpu"
+
+
+def test_outputs_are_coalesced_per_request_and_cumulative(started):
+    loop, collector = started
+    collector.pump(loop, lambda: loop.snapshot is not None)
+    loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    time.sleep(0.5)  # let several steps run without draining
+    pending = [e for e in loop.drain() if isinstance(e, RequestOutput)]
+    assert len(pending) == 1  # one per request, however many steps ran
+    collector.events.extend(pending)
+    collector.pump(loop, lambda: "a" in collector.finals())
+    final = collector.finals()["a"]
+    assert final.text.startswith(pending[0].text) and len(final.token_ids) == 30
+
+
+def test_abort_frees_blocks_and_fork_shares_them(started):
+    loop, collector = started
+    collector.pump(loop, lambda: loop.snapshot is not None)
+    loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    collector.pump(loop, lambda: any(isinstance(e, RequestOutput) for e in collector.events))
+    loop.fork("a", "b")
+    collector.pump(loop, lambda: loop.snapshot.stats["shared_blocks"] > 0)
+    loop.abort("a")
+    loop.abort("b")
+    collector.pump(loop, lambda: {"a", "b"} <= set(collector.finals()))
+    assert {o.finish_reason for o in collector.finals().values()} == {"abort"}
+    collector.pump(loop, lambda: loop.snapshot.stats["used_blocks"] == 0)
+
+
+def test_bad_requests_are_rejected_and_the_loop_lives_on(started):
+    loop, collector = started
+    loop.submit("long", [{"role": "user", "content": "x" * 2000}], SamplingParams(max_tokens=4))
+    loop.submit("wide", [{"role": "user", "content": "x" * 700}], SamplingParams(max_tokens=4))
+    loop.fork("nobody", "child")
+    loop.submit("ok", CHAT, SamplingParams(temperature=0, max_tokens=4))
+    collector.pump(loop, lambda: "ok" in collector.finals())
+    rejected = {e.request_id: e.message for e in collector.events if isinstance(e, Rejected)}
+    assert "context" in rejected["long"]  # longer than the model's context (1024)
+    assert "blocks" in rejected["wide"]  # more than the whole pool (32 blocks of 16)
+    assert "child" in rejected
+
+
+def test_a_model_that_fails_to_load_is_reported_and_requests_rejected():
+    collector = Collector()
+
+    def load(progress):
+        raise FileNotFoundError("no model at /nowhere")
+
+    loop = EngineLoop(load, wake=collector.wake)
+    loop.start()
+    loop.submit("a", CHAT, SamplingParams())
+    collector.pump(loop, lambda: any(isinstance(e, Rejected) for e in collector.events))
+    failed = [e for e in collector.events if isinstance(e, LoadFailed)]
+    assert failed and "/nowhere" in failed[0].message
+    assert "failed to load" in next(e for e in collector.events if isinstance(e, Rejected)).message
+    loop.close()
+    assert not loop.is_alive()

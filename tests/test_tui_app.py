@@ -1,0 +1,346 @@
+"""The chatpager app, driven with Pilot on the real engine and a tiny random-weight model."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from chatpager import SamplingParams
+from chatpager.tui.app import ChatpagerApp
+from chatpager.tui.config import AppConfig
+from chatpager.tui.screens.confirm import ConfirmScreen
+from chatpager.tui.screens.help import HelpScreen
+from chatpager.tui.screens.pick_reply import PickReplyScreen
+from chatpager.tui.screens.prompt_picker import PromptPicker
+from chatpager.tui.screens.rename import RenameScreen
+from chatpager.tui.store import Store
+from chatpager.tui.widgets.chat_message import ChatMessage
+from chatpager.tui.widgets.chat_view import ChatView
+from chatpager.tui.widgets.prompt_input import PromptInput
+from chatpager.tui.widgets.session_list import SessionList
+from chatpager.tui.widgets.slash_hints import SlashHints
+
+SIZE = (160, 45)
+SHORT = SamplingParams(temperature=0.8, max_tokens=6)
+ENDLESS = SamplingParams(temperature=0.8, max_tokens=4000, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_factory) -> str:
+    """Byte-level tokens: the shipped prompts need a context longer than the default 1024."""
+    return tiny_model_factory("llama", max_position_embeddings=8192)
+
+
+def make_app(model: str, data_dir: Path, app_class=ChatpagerApp, **settings) -> ChatpagerApp:
+    settings = {"num_blocks": 1024, "params": SHORT, "refresh_interval": 0.05} | settings
+    app = app_class(AppConfig(model=model, data_dir=data_dir, **settings))
+    app.notices = []  # every notification's text, for assertions
+    notify = app.notify
+
+    def recording_notify(message, **kwargs):
+        app.notices.append(str(message))
+        return notify(message, **kwargs)
+
+    app.notify = recording_notify
+    return app
+
+
+@asynccontextmanager
+async def running(app: ChatpagerApp):
+    """Run the app headless; yields its pilot once the sessions are on screen."""
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.main.query_one(SessionList).options)
+        yield pilot
+
+
+async def until(pilot, condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await pilot.pause(0.05)
+
+
+async def loaded(pilot) -> None:
+    await until(pilot, lambda: pilot.app.engine.snapshot is not None)
+
+
+async def say(pilot, text: str) -> None:
+    """Type a message (or slash command) into the input and press Enter."""
+    pilot.app.main.query_one(PromptInput).text = text
+    await pilot.press("enter")
+    await pilot.pause()
+
+
+def plain(renderable) -> str:
+    console = Console(width=120, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def stats(app: ChatpagerApp) -> dict:
+    return app.engine.snapshot.stats
+
+
+def chat_texts(app: ChatpagerApp) -> list[tuple[str, str]]:
+    return [(str(m.border_title), m.source) for m in app.main.query_one(ChatView).query(ChatMessage)]
+
+
+async def test_ui_shows_before_the_model_and_queues_what_is_typed(model, tmp_path):
+    release = threading.Event()
+
+    class SlowLoadingApp(ChatpagerApp):  # as the default model's first start (it converts once)
+        def _load_llm(self, progress):
+            release.wait(30)
+            return super()._load_llm(progress)
+
+    app = make_app(model, tmp_path, app_class=SlowLoadingApp)
+    async with running(app) as pilot:
+        assert app.engine.snapshot is None and app.model_status == "loading…"
+        assert len(app.main.query_one(SessionList).options) == 1
+        await say(pilot, "hello while loading")
+        await pilot.pause(0.2)
+        assert app.current.state == "queued"
+        release.set()
+        await until(pilot, lambda: not app.current.busy)
+        assert [m.role for m in app.current.messages] == ["user", "assistant"]
+        assert "llama" in app.model_status and "cpu" in app.model_status and "torch" in app.model_status
+
+
+async def test_a_reply_streams_into_the_chat_and_is_stored(model, tmp_path):
+    app = make_app(model, tmp_path, params=ENDLESS)
+    async with running(app) as pilot:
+        await loaded(pilot)
+        await say(pilot, "stream please")
+        view = app.main.query_one(ChatView)
+        await until(pilot, lambda: len(view.reply_text) > 3)
+        seen = view.reply_text
+        await until(pilot, lambda: len(view.reply_text) > len(seen) + 3)
+        assert view.reply_text.startswith(seen)  # appended, not replaced
+        assert app.current.state == "generating" and stats(app)["used_blocks"] > 0
+        await pilot.press("escape")  # stop: keeps what was generated, frees the blocks
+        await until(pilot, lambda: not app.current.busy)
+        reply = app.current.messages[-1]
+        assert reply.role == "assistant" and reply.content.startswith(seen)
+        assert chat_texts(app)[-1][0] == "assistant"
+        await until(pilot, lambda: stats(app)["used_blocks"] == 0)
+        assert stats(app)["cached_blocks"] > 0  # the history stays hittable
+    stored = Store(tmp_path / "chatpager.sqlite3").load()
+    assert [m.content for m in stored[0].messages] == ["stream please", reply.content]
+
+
+async def test_sessions_are_restored_after_a_restart(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await say(pilot, "remember me")
+        await until(pilot, lambda: not app.current.busy)
+        await say(pilot, "/new terse")
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, RenameScreen))
+        await pilot.press(*"Second", "enter")
+        before = [(s.title, s.prompt_name, len(s.messages)) for s in app.conversations.sessions.values()]
+    assert before == [("Chat 1", "assistant", 2), ("Second", "terse", 0)]
+
+    again = make_app(model, tmp_path)
+    async with running(again) as pilot:
+        after = [(s.title, s.prompt_name, len(s.messages)) for s in again.conversations.sessions.values()]
+        assert after == before
+        await pilot.press("ctrl+up")
+        assert again.current.title == "Chat 1"
+        assert chat_texts(again)[0] == ("you", "remember me")
+
+
+async def test_create_switch_and_delete_sessions(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: isinstance(app.screen, PromptPicker))
+        names = list(app.prompts)
+        await pilot.press(*["down"] * names.index("pirate"), "enter")
+        await until(pilot, lambda: app.current.prompt_name == "pirate")
+        assert app.current.system.startswith("You are Captain Byte")
+        sidebar = app.main.query_one(SessionList)
+        assert len(sidebar.options) == 2 and sidebar.highlighted == 1
+        await pilot.press("ctrl+up")
+        assert app.current.title == "Chat 1"
+        await pilot.press("ctrl+down")
+        await pilot.press("f8")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: len(app.conversations.sessions) == 1)
+        assert app.current.title == "Chat 1" and len(sidebar.options) == 1
+
+
+async def test_two_sessions_generate_at_the_same_time(model, tmp_path):
+    app = make_app(model, tmp_path, params=ENDLESS)
+    async with running(app) as pilot:
+        await loaded(pilot)
+        await say(pilot, "first")
+        await say(pilot, "/new tutor")
+        await say(pilot, "second")
+        first, second = app.conversations.sessions.values()
+        await until(pilot, lambda: first.state == second.state == "generating")
+        assert stats(app)["running"] == 2
+        # both prompts start with the house style: the second one's prefill hit the cache
+        assert second.cached_tokens > 1000
+        assert "generating" in str(app.main.query_one(SessionList).options[0].prompt)
+        for session in (first, second):
+            app.conversations.stop(session)
+        await until(pilot, lambda: not first.busy and not second.busy)
+
+
+async def test_fork_while_streaming_shares_blocks(model, tmp_path):
+    app = make_app(model, tmp_path, params=ENDLESS)
+    async with running(app) as pilot:
+        await loaded(pilot)
+        await say(pilot, "branch me")
+        await until(pilot, lambda: app.current.state == "generating")
+        assert stats(app)["shared_blocks"] == 0
+        source = app.current
+        await pilot.press("ctrl+f")
+        fork = app.current
+        assert fork is not source and fork.title == "Chat 1 (fork)"
+        assert [m.content for m in fork.messages] == ["branch me"]
+        await until(pilot, lambda: stats(app)["shared_blocks"] > 0)
+        assert stats(app)["sharing_ratio"] > 1
+        branched_at = fork.reply
+        await until(pilot, lambda: len(fork.reply) > len(branched_at))  # it continues on its own
+        await pilot.press("escape")
+        await pilot.press("ctrl+up")
+        await pilot.press("escape")
+        await until(pilot, lambda: not source.busy and not fork.busy)
+        await until(pilot, lambda: stats(app)["used_blocks"] == 0)
+
+
+async def test_fork_of_an_idle_session_reuses_its_prefix(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await say(pilot, "a question")
+        await until(pilot, lambda: not app.current.busy)
+        await say(pilot, "/fork")
+        fork = app.current
+        assert [m.role for m in fork.messages] == ["user", "assistant"]
+        await say(pilot, "a follow-up")
+        await until(pilot, lambda: not fork.busy)
+        source = next(iter(app.conversations.sessions.values()))
+        # every full block of the source's turn (prompt and reply) was a prefix hit
+        assert fork.cached_tokens >= (source.tokens // 16 - 1) * 16
+
+
+async def test_regenerate_offers_alternatives_to_pick_from(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await say(pilot, "say something")
+        await until(pilot, lambda: not app.current.busy)
+        old = app.current.messages[-1].content
+        cow_before = stats(app)["cow_copies"]
+        await say(pilot, "/regen 3")
+        await until(pilot, lambda: isinstance(app.screen, PickReplyScreen))
+        alternatives = app.screen.alternatives
+        assert len(alternatives) == 3
+        # the three samples were forked from one prefill: their shared last block was copied
+        assert stats(app)["cow_copies"] > cow_before
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: not isinstance(app.screen, PickReplyScreen))
+        assert app.current.messages[-1].content == alternatives[1]
+        assert len(app.current.messages) == 2
+        await pilot.press("ctrl+r")  # three more; Escape keeps the current reply
+        await until(pilot, lambda: isinstance(app.screen, PickReplyScreen))
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, PickReplyScreen))
+        assert app.current.messages[-1].content == alternatives[1]
+        assert old in alternatives or old != alternatives[1]
+    stored = Store(tmp_path / "chatpager.sqlite3").load()[0]
+    assert stored.messages[-1].content == alternatives[1]
+
+
+async def test_export_writes_markdown_and_json(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await say(pilot, "export this")
+        await until(pilot, lambda: not app.current.busy)
+        await say(pilot, f"/export md {tmp_path / 'chat.md'}")
+        await say(pilot, f"/export json {tmp_path / 'out' / 'chat.json'}")
+    markdown = (tmp_path / "chat.md").read_text()
+    assert markdown.startswith("# Chat 1") and "export this" in markdown
+    record = json.loads((tmp_path / "out" / "chat.json").read_text())
+    assert record["prompt_name"] == "assistant"
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    assert any("chat.json" in notice for notice in app.notices)
+
+
+async def test_a_request_larger_than_the_pool_is_an_error_in_its_session(model, tmp_path):
+    app = make_app(model, tmp_path, num_blocks=16)  # 256 tokens: the shipped prompts don't fit
+    async with running(app) as pilot:
+        await say(pilot, "too big")
+        await until(pilot, lambda: app.current.error is not None)
+        assert "blocks" in app.current.error and not app.current.busy
+        assert any("whole KV pool" in notice for notice in app.notices)
+        assert "!" in str(app.main.query_one(SessionList).options[0].prompt)
+        await say(pilot, "/new terse")  # the app and other sessions carry on
+        await say(pilot, "hi")
+        await until(pilot, lambda: not app.current.busy)
+        assert app.current.error is None and app.current.messages[-1].role == "assistant"
+
+
+async def test_a_model_that_fails_to_load_is_reported(tmp_path):
+    app = make_app(str(tmp_path / "no-such-model"), tmp_path)
+    async with running(app) as pilot:
+        await until(pilot, lambda: app.model_status == "failed to load")
+        await say(pilot, "anyone there?")
+        await until(pilot, lambda: app.current.error is not None)
+        assert "failed to load" in app.current.error
+        assert any("no-such-model" in notice for notice in app.notices)
+
+
+async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):
+    app = make_app(model, tmp_path, swarm_params=SamplingParams(temperature=0.8, max_tokens=200))
+    async with running(app) as pilot:
+        await say(pilot, "/swarm 3")
+        tenants = [s for s in app.conversations.sessions.values() if app.swarm.is_tenant(s)]
+        assert [t.title for t in tenants] == ["tenant 1", "tenant 2", "tenant 3"]
+        assert len(app.main.query_one(SessionList).options) == 4
+        await until(pilot, lambda: app.engine.snapshot and stats(app)["running"] >= 2)
+        await until(pilot, lambda: stats(app)["prefix_hit_tokens"] > 1000)
+        await say(pilot, "/swarm 0")
+        await until(pilot, lambda: not any(t.busy for t in tenants))
+        assert app.swarm.active == 0
+        assert not any(t.stored for t in tenants)  # simulated load is not the user's data
+
+
+async def test_slash_commands_complete_and_help_lists_keys(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await pilot.press("/", "r", "e")
+        prompt = app.main.query_one(PromptInput)
+        assert prompt.suggestion == "gen "
+        assert app.main.query_one(SlashHints).display
+        await pilot.press("tab")
+        assert prompt.text == "/regen "
+        prompt.clear()
+        await pilot.press(*"/system", "space", *"pir")
+        assert prompt.suggestion == "ate"
+        await pilot.press("tab", "enter")
+        await pilot.pause()
+        assert app.current.prompt_name == "pirate"
+        await say(pilot, "/bogus")
+        assert any("unknown command /bogus" in notice for notice in app.notices)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        text = " ".join(plain(static.content) for static in app.screen.query("Static"))
+        assert "^f" in text and "Fork" in text and "/swarm N" in text
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert "/fork" in titles and "/new tutor" in titles
+
+
+def test_every_binding_has_an_id():
+    for owner in (ChatpagerApp, PromptInput, HelpScreen, PromptPicker, PickReplyScreen,
+                  RenameScreen, ConfirmScreen):
+        assert all(binding.id for binding in owner.BINDINGS), owner
