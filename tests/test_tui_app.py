@@ -20,6 +20,7 @@ from chatpager.tui.screens.pick_reply import PickReplyScreen
 from chatpager.tui.screens.prompt_picker import PromptPicker
 from chatpager.tui.screens.rename import RenameScreen
 from chatpager.tui.store import Store
+from chatpager.tui.widgets.block_map import BlockMap
 from chatpager.tui.widgets.chat_message import ChatMessage
 from chatpager.tui.widgets.chat_view import ChatView
 from chatpager.tui.widgets.prompt_input import PromptInput
@@ -338,6 +339,18 @@ async def test_slash_commands_complete_and_help_lists_keys(model, tmp_path):
         assert not isinstance(app.screen, HelpScreen)
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert "/fork" in titles and "/new tutor" in titles
+
+
+async def test_a_pool_larger_than_the_map_is_drawn_in_groups(model, tmp_path):
+    app = make_app(model, tmp_path, num_blocks=6000)
+    async with running(app) as pilot:
+        await loaded(pilot)
+        await pilot.pause(0.2)
+        block_map = app.main.query_one(BlockMap)
+        per_cell = block_map.blocks_per_cell()
+        assert per_cell > 1
+        cells = len(block_map.render().plain.replace("\n", ""))
+        assert cells == -(-6000 // per_cell) <= block_map.size.width * block_map.size.height
 
 
 def test_every_binding_has_an_id():
