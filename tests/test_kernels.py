@@ -19,12 +19,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from chatpager.kernels.triton_env import import_triton
+from chatpager.kernels.triton_env import import_triton, interpreting
 
 import_triton()  # before the kernels are imported: interpreter on when there is no GPU
 
 from chatpager.kernels import (  # noqa: E402
-    paged_attention_torch, paged_attention_triton, write_kv_torch, write_kv_triton)
+    paged_attention_torch, paged_attention_triton, triton_available, write_kv_torch, write_kv_triton)
 
 pat_module = importlib.import_module("chatpager.kernels.paged_attention_triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -228,6 +228,11 @@ def test_write_kv_triton_matches_torch(dtype: torch.dtype, block_size: int) -> N
     assert torch.equal(k_tri, k_ref) and torch.equal(v_tri, v_ref)
     written = k_tri.view(-1, num_kv_heads, head_dim)[slots[slots >= 0]]
     assert torch.equal(written, k[slots >= 0].to(dtype))
+
+
+def test_triton_is_available_here() -> None:
+    assert triton_available()
+    assert torch.cuda.is_available() or interpreting()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only switched on without a GPU")
