@@ -37,23 +37,46 @@ DRAIN_INTERVAL = 0.08  # seconds: engine events are applied in batches at most t
 REGENERATE_ALTERNATIVES = 3  # what the regenerate key asks for; /regen n for any n
 MAX_ALTERNATIVES = 8
 DEMO_TENANTS = 8
+PALETTE = (  # slash commands offered in the command palette, beside /new and /system per prompt
+    ("/fork", "Fork this session at its last message"),
+    ("/stop", "Stop the reply being generated"),
+    ("/regen", "Regenerate the last reply"),
+    (f"/regen {REGENERATE_ALTERNATIVES}", "Regenerate the last reply as alternatives to pick from"),
+    ("/clear", "Clear this session's messages"),
+    ("/export md", "Write this session as Markdown (in the current folder)"),
+    ("/export json", "Write this session as JSON (in the current folder)"),
+    (f"/swarm {DEMO_TENANTS}", "Start simulated tenants: watch sharing, eviction and preemption"),
+    ("/swarm 0", "Stop every simulated tenant"),
+    ("/help", "Show keys and commands"),
+)
 
 
 class ChatpagerApp(App, inherit_bindings=False):
     TITLE = "chatpager"
     CSS_PATH = Path(__file__).with_name("app.tcss")  # also for subclasses elsewhere
     BINDINGS = [
-        Binding("ctrl+n", "new_session", "New", id="session.new"),
-        Binding("ctrl+f", "fork", "Fork", priority=True, id="session.fork"),
-        Binding("escape", "stop", "Stop", id="chat.stop"),
-        Binding("ctrl+r", "regenerate", "Regen ×3", id="chat.regenerate"),
-        Binding("ctrl+up,alt+up", "switch(-1)", "Prev", key_display="^↑", id="session.previous"),
-        Binding("ctrl+down,alt+down", "switch(1)", "Next", key_display="^↓", id="session.next"),
-        Binding("f2", "rename", "Rename", id="session.rename"),
-        Binding("f8", "delete", "Delete", id="session.delete"),
-        Binding("f1,question_mark", "help", "Help", key_display="F1", id="app.help"),
-        Binding("ctrl+p", "command_palette", "Commands", id="app.palette"),
-        Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit"),
+        Binding("ctrl+n", "new_session", "New", id="session.new",
+                tooltip="New session: choose a system prompt from prompts/"),
+        Binding("ctrl+f", "fork", "Fork", priority=True, id="session.fork",
+                tooltip="Fork this session at its last message (a reply being generated "
+                        "is forked too, sharing every block)"),
+        Binding("escape", "stop", "Stop", id="chat.stop",
+                tooltip="Stop the reply: keeps what was generated, frees its blocks"),
+        Binding("ctrl+r", "regenerate", "Regen ×3", id="chat.regenerate",
+                tooltip="Regenerate the last reply as three alternatives, then pick one"),
+        Binding("ctrl+up,alt+up", "switch(-1)", "Prev", key_display="^↑", id="session.previous",
+                tooltip="Previous session"),
+        Binding("ctrl+down,alt+down", "switch(1)", "Next", key_display="^↓", id="session.next",
+                tooltip="Next session"),
+        Binding("f2", "rename", "Rename", id="session.rename", tooltip="Rename this session"),
+        Binding("f8", "delete", "Delete", id="session.delete",
+                tooltip="Delete this session and its messages"),
+        Binding("f1,question_mark", "help", "Help", key_display="F1", id="app.help",
+                tooltip="This help"),
+        Binding("ctrl+p", "command_palette", "Commands", id="app.palette",
+                tooltip="Command palette: every slash command, searchable"),
+        Binding("ctrl+q", "quit", "Quit", priority=True, id="app.quit",
+                tooltip="Quit (conversations are already saved)"),
     ]
 
     def __init__(self, config: AppConfig) -> None:
@@ -72,6 +95,10 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.main = MainScreen(list(self.prompts))
 
     # -- lifetime -----------------------------------------------------------------------------
+    def notify(self, message: str, *, markup: bool = False, **options) -> None:
+        """Notifications carry model output, paths and titles: not markup unless asked."""
+        super().notify(message, markup=markup, **options)
+
     def get_default_screen(self) -> Screen:
         return self.main
 
@@ -318,20 +345,10 @@ class ChatpagerApp(App, inherit_bindings=False):
     # -- command palette ----------------------------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for command in slash.COMMANDS:
-            if command.name in ("new", "system"):
-                continue
-            yield SystemCommand(
-                command.signature, command.help, partial(self.run_slash, f"/{command.name}")
-            )
+        for text, help in PALETTE:
+            yield SystemCommand(text, help, partial(self.run_slash, text))
         for name in self.prompts:
             yield SystemCommand(f"/new {name}", f"New session with the {name} prompt",
                                 partial(self.run_slash, f"/new {name}"))
             yield SystemCommand(f"/system {name}", f"Use the {name} prompt in this session",
                                 partial(self.run_slash, f"/system {name}"))
-        yield SystemCommand("/regen 3", "Three alternatives for the last reply",
-                            partial(self.run_slash, "/regen 3"))
-        yield SystemCommand("/export json", "Write this session as JSON",
-                            partial(self.run_slash, "/export json"))
-        yield SystemCommand("/swarm 0", "Stop every simulated tenant",
-                            partial(self.run_slash, "/swarm 0"))

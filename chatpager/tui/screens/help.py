@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
@@ -29,23 +30,23 @@ class HelpScreen(ModalScreen[None]):
             yield Static("Esc closes this screen.", classes="dim")
 
     def _keys_table(self, title: str, bindings: Sequence[Binding]) -> Table:
-        table = Table(title=title, title_justify="left", show_header=False, box=None, expand=True)
-        table.add_column(style="bold", width=18)
-        table.add_column()
+        table = Table(title=title, title_justify="left", show_header=False, box=None)
+        table.add_column(style="bold", width=26)
+        table.add_column(ratio=1)
         for binding in bindings:
             if binding.description:
-                keys = binding.key_display or " / ".join(
+                keys = " / ".join(
                     self.app.get_key_display(Binding(key, binding.action))
                     for key in binding.key.split(",")
                 )
-                table.add_row(keys, binding.description)
+                table.add_row(Text(keys), Text(binding.tooltip or binding.description))
         return table
 
     def _commands_table(self) -> Table:
-        table = Table(title="Slash commands (type / in the input)", title_justify="left",
-                      show_header=False, box=None, expand=True)
+        table = Table(title="Slash commands (type / in the input; Tab completes)",
+                      title_justify="left", show_header=False, box=None)
         table.add_column(style="bold", width=26)
         table.add_column()
         for command in slash.COMMANDS:
-            table.add_row(command.signature, command.help)
+            table.add_row(Text(command.signature), Text(command.help))
         return table

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
@@ -10,8 +11,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Markdown, OptionList, Static
 from textual.widgets.option_list import Option
 
-from chatpager.tui.widgets.chat_message import printable
 from chatpager.tui.screens.prompt_picker import preview
+from chatpager.tui.widgets.chat_message import printable
 
 
 class PickReplyScreen(ModalScreen[int | None]):
@@ -31,7 +32,7 @@ class PickReplyScreen(ModalScreen[int | None]):
             )
             yield OptionList(
                 *(
-                    Option(f"{i + 1}. {preview(printable(text))}", id=str(i))
+                    Option(Text(f"{i + 1}. {preview(printable(text))}"), id=str(i))
                     for i, text in enumerate(self.alternatives)
                 )
             )

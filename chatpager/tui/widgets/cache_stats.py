@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 from textual.widgets import Static
 
 
@@ -14,7 +15,7 @@ def stats_table(stats: dict, model: str) -> Table:
     table.add_column(style="bold")
     table.add_column()
     total = stats["num_blocks"]
-    table.add_row("model", model)
+    table.add_row("model", Text(model))
     table.add_row(
         "blocks",
         f"{stats['used_blocks']} used · {stats['cached_blocks']} cached · "
@@ -49,5 +50,5 @@ class CacheStats(Static):
         """Before there are stats: the model's loading state."""
         table = Table.grid(padding=(0, 1))
         table.add_column(style="bold")
-        table.add_row("model", model)
+        table.add_row("model", Text(model))
         self.update(table)

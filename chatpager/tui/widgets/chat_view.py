@@ -60,7 +60,9 @@ class ChatView(VerticalScroll):
     def show_state(self, session: Session) -> None:
         """Label the reply being generated with its state (queued, generating, preempted)."""
         if self._reply is not None and self._shown == (session.id, session.revision):
-            self._reply.border_subtitle = session.state
+            samples = len(session.samples)
+            alternatives = f" · 1 of {samples} alternatives" if samples > 1 else ""
+            self._reply.border_subtitle = session.state + alternatives
 
     async def _reset(self, session: Session) -> None:
         await self._end_reply()

@@ -16,7 +16,8 @@ from chatpager.tui.messages import PromptSubmitted
 
 class PromptInput(TextArea):
     BINDINGS = [
-        Binding("enter", "submit", "Send", priority=True, id="input.send"),
+        Binding("enter", "submit", "Send", priority=True, id="input.send",
+                tooltip="Send the message, or run the /command"),
         Binding(
             "ctrl+j,shift+enter,alt+enter",
             "newline",
@@ -24,8 +25,10 @@ class PromptInput(TextArea):
             key_display="^j",
             priority=True,
             id="input.newline",
+            tooltip="New line (pasting keeps line breaks too)",
         ),
-        Binding("tab", "complete", "Complete", show=False, priority=True, id="input.complete"),
+        Binding("tab", "complete", "Complete", show=False, priority=True, id="input.complete",
+                tooltip="Complete a /command or prompt name; else move focus"),
     ]
 
     def __init__(self, prompt_names: Sequence[str] = (), id: str | None = None) -> None:
