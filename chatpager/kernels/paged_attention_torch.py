@@ -9,13 +9,24 @@ Contract (shared with the Triton kernel):
 The queries of sequence i are the last q_len_i positions of its context and attend causally
 to the whole context through the block table. num_heads is a multiple of num_kv_heads (GQA).
 
-Vectorized over sequences: gather each sequence's blocks into a padded [B, L, kv, d] view,
-pad queries to [B, max_q, h, d], one masked SDPA call, unpack. No Python loop per sequence.
+How (this is also the CPU engine's fast path, so cost matters):
+- Decode rows (one query each) go in groups of sequences of similar length: each group's
+  blocks are gathered with one `index_select` into a [G, L, kv, d] batch whose K/V stay
+  within a few MiB (cache-resident, and small enough that malloc reuses the memory instead of
+  mapping fresh pages every layer), then one masked SDPA call with the GQA group folded into
+  the query axis.
+- Prefill chunks (several queries) go one sequence at a time, over that sequence's own
+  blocks only: no padding to the longest sequence, so a long chunk batched with short ones
+  costs what it computes.
+Masked key positions add exactly zero, so a sequence's result does not depend on which
+other sequences share its group or step.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+DECODE_GROUP_SLOTS = 8192  # context slots gathered per decode group (K+V: 8192 * kv * d * 8 bytes)
 
 
 def paged_attention_torch(
@@ -29,46 +40,75 @@ def paged_attention_torch(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    num_seqs = seq_lens.numel()
+    num_kv_heads = k_cache.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
-    max_q = int(q_lens.max())
-    max_len = int(seq_lens.max())
-    num_ctx_blocks = -(-max_len // block_size)
-
-    # Gather K/V through the block table: [B, nblk, bs, kv, d] -> [B, L, kv, d].
-    table = block_tables[:, :num_ctx_blocks].long().clamp_(min=0)
-    ctx = num_ctx_blocks * block_size
-    k = k_cache[table].reshape(num_seqs, ctx, num_kv_heads, head_dim)
-    v = v_cache[table].reshape(num_seqs, ctx, num_kv_heads, head_dim)
-
-    # Scatter packed queries into a padded [B, max_q, h, d] batch.
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=q.device), q_lens)
-    row_of_token = torch.arange(num_tokens, device=q.device) - query_start_loc[:-1].long()[seq_of_token]
-    if max_q == 1:
-        qp = q.unsqueeze(1)
-    else:
-        qp = q.new_zeros(num_seqs, max_q, num_heads, head_dim)
-        qp[seq_of_token, row_of_token] = q
-
-    # Causal mask in absolute positions: query j of seq i sits at seq_len - q_len + j.
-    q_pos = (seq_lens.long() - q_lens).unsqueeze(1) + torch.arange(max_q, device=q.device)
-    k_pos = torch.arange(ctx, device=q.device)
-    mask = k_pos.view(1, 1, ctx) <= q_pos.unsqueeze(2)  # [B, max_q, L]
-
-    o = F.scaled_dot_product_attention(
-        qp.transpose(1, 2).float() if q.dtype != k.dtype else qp.transpose(1, 2),
-        k.transpose(1, 2).to(qp.dtype) if q.dtype != k.dtype else k.transpose(1, 2),
-        v.transpose(1, 2).to(qp.dtype) if q.dtype != k.dtype else v.transpose(1, 2),
-        attn_mask=mask.unsqueeze(1),
-        scale=scale,
-        enable_gqa=num_heads != num_kv_heads,
-    ).transpose(1, 2)  # [B, max_q, h, d]
-    result = o.squeeze(1) if max_q == 1 else o[seq_of_token, row_of_token]
-    result = result.to(q.dtype)
     if out is None:
-        return result
-    out.copy_(result)
+        out = q.new_empty(num_tokens, num_heads, head_dim)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    decodes, prefills = [], []
+    for i, n in enumerate(lens):
+        (decodes if starts[i + 1] - starts[i] == 1 else prefills).append(i)
+    if decodes:
+        _decode(q, k_cache, v_cache, block_tables, lens, starts, decodes, scale, out)
+    for i in prefills:
+        _prefill(q, k_cache, v_cache, block_tables[i], lens[i], starts[i], starts[i + 1], scale, out)
     return out
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows * n, bs, kv, d] blocks -> [rows, n * bs, kv, d] contexts."""
+    g = cache.index_select(0, blocks)
+    return g.view(rows, -1, cache.shape[2], cache.shape[3])
+
+
+def _decode(q, k_cache, v_cache, block_tables, lens, starts, seqs, scale, out) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    seqs = sorted(seqs, key=lambda i: lens[i])  # similar lengths together: little padding
+    first = 0
+    while first < len(seqs):
+        nblk = -(-lens[seqs[first]] // block_size)
+        last = first + 1
+        while last < len(seqs):  # grow while the padded gather stays within the slot budget
+            nb = -(-lens[seqs[last]] // block_size)
+            if (last + 1 - first) * nb * block_size > DECODE_GROUP_SLOTS:
+                break
+            nblk, last = nb, last + 1
+        idx = seqs[first:last]
+        rows = len(idx)
+        sel = torch.tensor(idx)
+        tokens = torch.tensor([starts[i] for i in idx])
+        blocks = block_tables.index_select(0, sel.to(block_tables.device))[:, :nblk]
+        blocks = blocks.reshape(-1).long().clamp_(min=0)
+        k = _gather(k_cache, blocks, rows).transpose(1, 2)  # [G, kv, L, d]
+        v = _gather(v_cache, blocks, rows).transpose(1, 2)
+        ctx = nblk * block_size
+        valid = torch.tensor([lens[i] for i in idx], device=q.device).unsqueeze(1)
+        mask = torch.arange(ctx, device=q.device) < valid  # [G, L]
+        qg = q.index_select(0, tokens.to(q.device)).view(rows, num_kv_heads, group, head_dim)
+        o = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask.view(rows, 1, 1, ctx),
+                                           scale=scale)
+        out.index_copy_(0, tokens.to(q.device), o.reshape(rows, num_heads, head_dim).to(out.dtype))
+        first = last
+
+
+def _prefill(q, k_cache, v_cache, table, seq_len, start, end, scale, out) -> None:
+    block_size = k_cache.shape[1]
+    q_len = end - start
+    nblk = -(-seq_len // block_size)
+    blocks = table[:nblk].long().clamp_(min=0)
+    k = _gather(k_cache, blocks, 1).transpose(1, 2)  # [1, kv, L, d]
+    v = _gather(v_cache, blocks, 1).transpose(1, 2)
+    qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, h, q_len, d]
+    if seq_len == q_len:  # no cached context: plain causal (padding keys sit after every query)
+        mask, causal = None, True
+    else:  # query j sits at absolute position seq_len - q_len + j
+        ctx = nblk * block_size
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        mask, causal = (torch.arange(ctx, device=q.device) <= q_pos).view(1, 1, q_len, ctx), False
+    o = F.scaled_dot_product_attention(qs, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+                                       scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out[start:end] = o[0].transpose(0, 1).to(out.dtype)
