@@ -33,7 +33,7 @@ from chatpager.tui.store import Store
 from chatpager.tui.swarm import Swarm, load_turns
 from chatpager.tui.widgets.prompt_input import PromptInput
 
-DRAIN_INTERVAL = 0.08  # seconds: engine events are applied in batches at most this often
+DRAIN_INTERVAL = 0.1  # seconds: engine events are applied in batches at most this often
 REGENERATE_ALTERNATIVES = 3  # what the regenerate key asks for; /regen n for any n
 MAX_ALTERNATIVES = 8
 DEMO_TENANTS = 8
@@ -131,8 +131,8 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     # -- engine events --------------------------------------------------------------------------
     async def on_engine_activity(self, _: EngineActivity) -> None:
-        # Each batch costs a Markdown append and a sidebar update: apply a few a second, not
-        # one per engine step, so the engine thread keeps the CPU.
+        # Each batch costs a Markdown append: apply a few a second, not one per engine step,
+        # so the engine thread keeps the CPU.
         if self._drain_pending:
             return
         delay = self._last_drain + DRAIN_INTERVAL - time.monotonic()
@@ -164,9 +164,7 @@ class ChatpagerApp(App, inherit_bindings=False):
             self.notify(notice.message, title=title, severity=notice.severity, timeout=8)
         self.swarm.advance(changes.finished)
         if self.current_id in changes.sessions:
-            await self._show_current()
-        elif changes.sessions:
-            self._refresh_sidebar()
+            await self._show_chat()  # the sidebar follows on the next refresh
 
     def _set_model_status(self, status: str) -> None:
         self.model_status = status
@@ -176,16 +174,19 @@ class ChatpagerApp(App, inherit_bindings=False):
         snapshot = self.engine.snapshot
         if snapshot is not None:
             self.conversations.observe(snapshot)
-        self.main.show_cache(snapshot, self.current, self.model_status)
+        self.main.show_cache(snapshot, self.current, self.model_status, self.engine.model_info)
         self._refresh_sidebar()
 
     def _refresh_sidebar(self) -> None:
         self.main.show_sessions(list(self.conversations.sessions.values()), self.current_id)
 
     async def _show_current(self) -> None:
+        await self._show_chat()
+        self._refresh_sidebar()
+
+    async def _show_chat(self) -> None:
         session = self.current
         await self.main.show_chat(session)
-        self._refresh_sidebar()
         if session.choices and not self._picking:
             self._picking = True
             self.push_screen(PickReplyScreen(session.choices), partial(self._picked, session))

@@ -29,7 +29,7 @@ class AppConfig:
     swarm_params: SamplingParams = field(
         default_factory=lambda: SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64)
     )
-    refresh_interval: float = 0.15  # seconds between cache view refreshes
+    refresh_interval: float = 0.25  # seconds between refreshes of the cache view and sidebar
 
     @property
     def database(self) -> Path:

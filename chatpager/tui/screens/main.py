@@ -74,15 +74,22 @@ class MainScreen(Screen):
     async def show_chat(self, session: Session) -> None:
         await self.query_one(ChatView).sync(session)
 
-    def show_cache(self, snapshot: CacheSnapshot | None, session: Session, model: str) -> None:
-        """The block map, counters and block table, with `session`'s blocks highlighted."""
-        shown = (snapshot, session.id, session.state, session.tokens, session.title, model)
+    def show_cache(
+        self,
+        snapshot: CacheSnapshot | None,
+        session: Session,
+        model_status: str,
+        model_info: dict | None,
+    ) -> None:
+        """The block map, counters and block table, with `session`'s blocks highlighted;
+        before the model has loaded, its status."""
+        shown = (snapshot, session.id, session.state, session.tokens, session.title, model_status)
         if shown == self._cache_shown:  # nothing new: leave the widgets (and the screen) alone
             return
         self._cache_shown = shown
         stats = self.query_one(CacheStats)
-        if snapshot is None:
-            stats.show_status(model)
+        if snapshot is None or model_info is None:
+            stats.show_status(model_status)
             return
         views = [
             view
@@ -91,7 +98,7 @@ class MainScreen(Screen):
         ]
         block_map = self.query_one(BlockMap)
         block_map.show(snapshot, {block for view in views for block in view.block_table})
-        stats.show(snapshot.stats, model)
+        stats.show(snapshot.stats, model_info)
         self.query_one(BlockTable).show(
             views, snapshot.refcounts, snapshot.block_size, block_map.copied_blocks,
             idle_note(session),

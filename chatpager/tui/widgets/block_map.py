@@ -3,11 +3,13 @@ larger than the area), coloured by state, the focused session's blocks drawn sol
 blocks that were just copied on write marked."""
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Collection
 
+from rich.segment import Segment
 from rich.style import Style
-from rich.text import Text
+from textual.strip import Strip
 from textual.widget import Widget
 
 from chatpager.engine.outputs import CacheSnapshot
@@ -47,6 +49,7 @@ class BlockMap(Widget):
         self.focus_blocks: frozenset[int] = frozenset()
         self._cow_marks: dict[int, int] = {}  # block -> refreshes left
         self._last_cow: tuple[tuple[int, int], ...] = ()
+        self._rows: list[Strip] | None = None  # drawn rows, until the next snapshot or resize
 
     def show(self, snapshot: CacheSnapshot, focus_blocks: Collection[int]) -> None:
         for block in list(self._cow_marks):
@@ -60,6 +63,7 @@ class BlockMap(Widget):
             self._last_cow = snapshot.recent_cow
         self.snapshot = snapshot
         self.focus_blocks = frozenset(focus_blocks)
+        self._rows = None
         self.refresh()
 
     @property
@@ -71,25 +75,49 @@ class BlockMap(Widget):
         cells = max(self.size.width * self.size.height, 1)
         return max(1, math.ceil(self.snapshot.num_blocks / cells)) if self.snapshot else 1
 
-    def render(self) -> Text:
+    def cells(self) -> list[tuple[str, Style]]:
+        """One (glyph, style) per cell, in physical block order."""
         snapshot = self.snapshot
-        if snapshot is None or self.size.width == 0:
-            return Text("no pool yet", style="dim")
+        if snapshot is None:
+            return []
         ages = lru_ages(snapshot)
         per_cell = self.blocks_per_cell()
-        text = Text(no_wrap=True, overflow="crop")
-        for cell, start in enumerate(range(0, snapshot.num_blocks, per_cell)):
-            if cell and cell % self.size.width == 0:
-                text.append("\n")
+        cells = []
+        for start in range(0, snapshot.num_blocks, per_cell):
             blocks = range(start, min(start + per_cell, snapshot.num_blocks))
             rank, style = max((block_rank(snapshot, b, ages) for b in blocks), key=lambda r: r[0])
             if any(b in self._cow_marks for b in blocks):
-                text.append(COW_GLYPH, COW_STYLE)
+                cells.append((COW_GLYPH, COW_STYLE))
             elif any(b in self.focus_blocks for b in blocks):
-                text.append(FOCUS_GLYPH, style)
+                cells.append((FOCUS_GLYPH, style))
             else:
-                text.append(FREE_GLYPH if rank == 0 else BLOCK_GLYPH, style)
-        return text
+                cells.append((FREE_GLYPH if rank == 0 else BLOCK_GLYPH, style))
+        return cells
+
+    def on_resize(self) -> None:
+        self._rows = None
+
+    def render_line(self, y: int) -> Strip:
+        # Rows are built once per snapshot, as runs of one style: a pool of thousands of
+        # blocks redrawn several times a second must stay cheap.
+        if self._rows is None:
+            self._rows = self._build_rows()
+        return self._rows[y] if y < len(self._rows) else Strip.blank(self.size.width)
+
+    def _build_rows(self) -> list[Strip]:
+        width = self.size.width
+        if self.snapshot is None or width == 0:
+            return [Strip([Segment("no pool yet", Style(dim=True))])]
+        cells = self.cells()
+        rows = []
+        for start in range(0, len(cells), width):
+            row = cells[start:start + width]
+            segments = [
+                Segment("".join(glyph for glyph, _ in run), style)
+                for style, run in itertools.groupby(row, key=lambda cell: cell[1])
+            ]
+            rows.append(Strip(segments, len(row)))
+        return rows
 
 
 def _overlap(old: tuple, new: tuple) -> tuple:

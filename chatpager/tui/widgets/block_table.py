@@ -43,6 +43,9 @@ def describe(
 
 
 class BlockTable(Static):
+    def __init__(self, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._lines = 0
     def show(
         self,
         views: Sequence[SequenceView],
@@ -51,12 +54,15 @@ class BlockTable(Static):
         copied: Collection[int],
         idle_note: str,
     ) -> None:
-        if not views:
-            self.update(Text(idle_note, style="dim"))
-            return
-        # The container's width, not this widget's: that one follows the content.
-        width = self.parent.scrollable_content_region.width if self.parent else self.size.width
-        columns = max(1, (width + 1) // ENTRY_WIDTH)
-        self.update(
-            Text("\n").join(describe(v, refcounts, block_size, copied, columns) for v in views)
-        )
+        if views:
+            # The container's width, not this widget's: that one follows the content.
+            width = self.parent.scrollable_content_region.width if self.parent else self.size.width
+            columns = max(1, (width + 1) // ENTRY_WIDTH)
+            text = Text("\n").join(
+                describe(v, refcounts, block_size, copied, columns) for v in views
+            )
+        else:
+            text = Text(idle_note, style="dim")
+        lines = len(text.wrap(self.app.console, max(self.size.width, 1)))
+        self.update(text, layout=lines != self._lines)  # a new layout only for a new height
+        self._lines = lines

@@ -10,12 +10,15 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f} %"
 
 
-def stats_table(stats: dict, model: str) -> Table:
+def stats_table(stats: dict, model_info: dict) -> Table:
     table = Table.grid(padding=(0, 1))
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(no_wrap=True, overflow="ellipsis")
     total = stats["num_blocks"]
-    table.add_row("model", Text(model))
+    table.add_row("model", Text(model_info["name"]))
+    table.add_row(
+        "runtime", f"{model_info['device']} · {model_info['dtype']} · {model_info['attention']}"
+    )
     table.add_row(
         "blocks",
         f"{stats['used_blocks']} used · {stats['cached_blocks']} cached · "
@@ -43,12 +46,14 @@ def stats_table(stats: dict, model: str) -> Table:
 
 
 class CacheStats(Static):
-    def show(self, stats: dict, model: str) -> None:
-        self.update(stats_table(stats, model))
+    """A fixed number of lines (see the stylesheet), so updates need no new layout."""
 
-    def show_status(self, model: str) -> None:
+    def show(self, stats: dict, model_info: dict) -> None:
+        self.update(stats_table(stats, model_info), layout=False)
+
+    def show_status(self, model_status: str) -> None:
         """Before there are stats: the model's loading state."""
         table = Table.grid(padding=(0, 1))
         table.add_column(style="bold")
-        table.add_row("model", Text(model))
-        self.update(table)
+        table.add_row("model", Text(model_status))
+        self.update(table, layout=False)
