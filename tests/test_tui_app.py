@@ -156,6 +156,17 @@ async def test_sessions_are_restored_after_a_restart(model, tmp_path):
         assert chat_texts(again)[0] == ("you", "remember me")
 
 
+async def test_quitting_keeps_the_reply_generated_so_far(model, tmp_path):
+    app = make_app(model, tmp_path, params=ENDLESS)
+    async with running(app) as pilot:
+        await say(pilot, "a long answer, please")
+        await until(pilot, lambda: len(app.current.reply) > 3)
+        partial = app.current.reply
+    stored = Store(tmp_path / "chatpager.sqlite3").load()[0]
+    assert stored.messages[-1].role == "assistant"
+    assert stored.messages[-1].content.startswith(partial)
+
+
 async def test_create_switch_and_delete_sessions(model, tmp_path):
     app = make_app(model, tmp_path)
     async with running(app) as pilot:

@@ -116,6 +116,7 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     def on_unmount(self) -> None:
         self.engine.close(timeout=2.0)
+        self.conversations.close()
         self.store.close()
 
     def _load_llm(self, progress: ProgressFn):

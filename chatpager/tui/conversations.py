@@ -109,11 +109,20 @@ class Conversations:
         self._save(session)
 
     def delete(self, session: Session) -> None:
-        if session.busy:
+        if session.request_id is not None:
             self.stop(session)
+            for request_id in self._turns.pop(session.request_id).request_ids:
+                self._turns.pop(request_id, None)
         del self.sessions[session.id]
         if session.stored:
             self.store.delete_session(session.id)
+
+    def close(self) -> None:
+        """On quitting: keep what the replies still running have generated, as if stopped."""
+        for session in self.sessions.values():
+            if session.request_id is not None and session.stored and session.reply:
+                turn = self._turns[session.request_id]
+                self._end(session, turn, "abort", Changes())
 
     def set_system(self, session: Session, name_or_text: str) -> None:
         """Use a shipped prompt by name, or else the text itself, from the next turn on."""

@@ -28,13 +28,14 @@ from chatpager.tui.widgets.slash_hints import SlashHints
 
 def idle_note(session: Session) -> str:
     last = (
-        f" (last turn: {session.cached_tokens} of {session.tokens} tokens were hits)."
+        f" Last turn: {session.cached_tokens} of its {session.tokens} tokens were cache hits."
         if session.tokens
-        else "."
+        else ""
     )
     return (
-        f"{session.title} is {session.state}: it holds no blocks. Its history's full blocks "
-        f"stay in the prefix cache, so its next turn only computes what is not cached{last}"
+        f"{session.title} is {session.state} and holds no blocks. Its next turn sends the "
+        f"whole history again; the full blocks still in the prefix cache are reused, only "
+        f"the rest is computed.{last}"
     )
 
 

@@ -41,7 +41,8 @@ def stats_table(stats: dict, model_info: dict) -> Table:
         "requests",
         f"run {stats['running']} · wait {stats['waiting']} · swap {stats['swapped']}",
     )
-    table.add_row("decode", f"{stats['decode_tokens_per_s']:.1f} tok/s")
+    running = stats["running"] > 0
+    table.add_row("decode", f"{stats['decode_tokens_per_s']:.1f} tok/s" if running else "idle")
     return table
 
 
