@@ -311,13 +311,15 @@ async def test_a_model_that_fails_to_load_is_reported(tmp_path):
 
 
 async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):
-    app = make_app(model, tmp_path, swarm_params=SamplingParams(temperature=0.8, max_tokens=200))
+    tenant_params = SamplingParams(temperature=0.8, max_tokens=200)
+    app = make_app(model, tmp_path, swarm=2, swarm_params=tenant_params)  # as --swarm 2
     async with running(app) as pilot:
-        await say(pilot, "/swarm 3")
+        await say(pilot, "/swarm 1")
         tenants = [s for s in app.conversations.sessions.values() if app.swarm.is_tenant(s)]
         assert [t.title for t in tenants] == ["tenant 1", "tenant 2", "tenant 3"]
         assert len(app.main.query_one(SessionList).options) == 4
         await until(pilot, lambda: app.engine.snapshot and stats(app)["running"] >= 2)
+        # tenants 1-3 use prompts that start with the same house style
         await until(pilot, lambda: stats(app)["prefix_hit_tokens"] > 1000)
         await say(pilot, "/swarm 0")
         await until(pilot, lambda: not any(t.busy for t in tenants))

@@ -8,6 +8,7 @@ import pytest
 from chatpager.engine.outputs import CacheSnapshot
 from chatpager.tui import slash
 from chatpager.tui.conversations import UserError
+from chatpager.tui.main import parse_args
 from chatpager.tui.export import export
 from chatpager.tui.prompts import DEFAULT_PROMPT, load_prompts
 from chatpager.tui.session import Message, Session
@@ -99,3 +100,14 @@ def test_block_states_and_lru_shades():
     styles = [block_rank(snapshot, block, ages)[1] for block in range(6)]
     assert styles == [FREE_STYLE, CACHED_STYLES[0], CACHED_STYLES[-1], USED_STYLE,
                       SHARED_STYLES[0], SHARED_STYLES[-1]]
+
+
+def test_command_line_options_become_the_app_config(tmp_path):
+    config = parse_args(["--num-blocks", "256", "--block-size", "32", "--swarm", "4",
+                         "--data-dir", str(tmp_path), "--attention", "torch", "--dtype", "bfloat16"])
+    assert (config.num_blocks, config.block_size, config.swarm) == (256, 32, 4)
+    assert config.database == tmp_path / "chatpager.sqlite3"
+    assert (config.attention, config.dtype, config.device, config.model) == ("torch", "bfloat16",
+                                                                             "auto", None)
+    with pytest.raises(SystemExit):
+        parse_args(["--num-blocks", "0"])
