@@ -104,7 +104,7 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     async def on_ready(self) -> None:
         sessions = self.conversations.sessions
-        self.current_id = next(reversed(sessions)) if sessions else self._create(DEFAULT_PROMPT).id
+        self.current_id = next(reversed(sessions)) if sessions else self.conversations.create(DEFAULT_PROMPT).id
         self.sub_title = self.model_status
         self.engine.start()
         if self.config.swarm:
@@ -225,7 +225,7 @@ class ChatpagerApp(App, inherit_bindings=False):
             return
         if argument not in self.prompts:
             raise UserError(f"no prompt named {argument!r}; prompts: {', '.join(self.prompts)}")
-        await self._switch_to(self._create(argument).id)
+        await self._switch_to(self.conversations.create(argument).id)
 
     async def _slash_fork(self, _: str) -> None:
         await self.action_fork()
@@ -237,7 +237,7 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.notify(f"System prompt: {self.current.prompt_name} (used from the next turn)")
 
     async def _slash_regen(self, argument: str) -> None:
-        n = int(argument or 1)
+        n = _count(argument, default=1)
         if not 1 <= n <= MAX_ALTERNATIVES:
             raise UserError(f"/regen takes 1 to {MAX_ALTERNATIVES} alternatives")
         self.conversations.regenerate(self.current, n)
@@ -255,7 +255,7 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.notify(f"Exported to {path}")
 
     async def _slash_swarm(self, argument: str) -> None:
-        count = int(argument or DEMO_TENANTS)
+        count = _count(argument, default=DEMO_TENANTS)
         if count <= 0:
             self.swarm.stop_all()
             self.notify("Swarm stopped")
@@ -267,13 +267,10 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.action_help()
 
     # -- actions ----------------------------------------------------------------------------------
-    def _create(self, prompt_name: str) -> Session:
-        return self.conversations.create(prompt_name)
-
     def action_new_session(self) -> None:
         async def chosen(name: str | None) -> None:
             if name:
-                await self._switch_to(self._create(name).id)
+                await self._switch_to(self.conversations.create(name).id)
 
         self.push_screen(PromptPicker(self.prompts), chosen)
 
@@ -321,7 +318,7 @@ class ChatpagerApp(App, inherit_bindings=False):
                 self.swarm.stop(session)
             self.conversations.delete(session)
             ids.remove(session.id)
-            target = ids[min(index, len(ids) - 1)] if ids else self._create(DEFAULT_PROMPT).id
+            target = ids[min(index, len(ids) - 1)] if ids else self.conversations.create(DEFAULT_PROMPT).id
             await self._switch_to(target)
 
         self.push_screen(ConfirmScreen(f"Delete {session.title!r} and its messages?"), confirmed)
@@ -354,3 +351,11 @@ class ChatpagerApp(App, inherit_bindings=False):
                                 partial(self.run_slash, f"/new {name}"))
             yield SystemCommand(f"/system {name}", f"Use the {name} prompt in this session",
                                 partial(self.run_slash, f"/system {name}"))
+
+
+def _count(argument: str, default: int) -> int:
+    if not argument:
+        return default
+    if not argument.isdigit():
+        raise UserError(f"expected a number, got {argument!r}")
+    return int(argument)
