@@ -3,6 +3,7 @@ run requests to completion. `llm.engine` is the step-level API underneath."""
 from __future__ import annotations
 
 import os
+import platform
 from typing import Callable, Sequence as Seq
 
 import torch
@@ -21,6 +22,7 @@ from chatpager.errors import ModelLoadError
 
 CPU_KV_CACHE_BYTES = 256 * 2**20
 CUDA_FREE_MEMORY_FRACTION = 0.85
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 Message = dict[str, str]
 
 
@@ -31,6 +33,22 @@ def _pick_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but no CUDA device is available")
     return dev
+
+
+def _keep_freed_memory() -> None:
+    """CPU inference frees and re-allocates multi-MiB activations in every layer. glibc's
+    defaults hand such blocks back to the kernel and map them again next time, so each layer
+    page-faults through fresh zeroed pages (measured: a 32-sequence decode step of the default
+    model took 720 ms instead of 430). Keep freed memory in the heap instead."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = ctypes.CDLL(name).mallopt
+    mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's ceiling; larger blocks are mapped anyway
+    mallopt(M_TRIM_THRESHOLD, 2**30)
 
 
 def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -68,6 +86,8 @@ class LLM:
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                               preemption_mode=preemption_mode)
         dev = _pick_device(device)
+        if dev.type == "cpu":
+            _keep_freed_memory()
         dt = _pick_dtype(dtype, dev)
         backend = select_backend(attention, dev)
         model_dir = resolve_model_dir(model, progress)
