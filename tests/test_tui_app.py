@@ -92,25 +92,31 @@ def chat_texts(app: ChatpagerApp) -> list[tuple[str, str]]:
     return [(str(m.border_title), m.source) for m in app.main.query_one(ChatView).query(ChatMessage)]
 
 
+class GatedApp(ChatpagerApp):
+    """Loads its model only when `release` is set, as the default model's first start
+    (it converts once) keeps the user waiting."""
+
+    def __init__(self, config: AppConfig) -> None:
+        super().__init__(config)
+        self.release = threading.Event()
+
+    def _load_llm(self, progress):
+        self.release.wait(30)
+        return super()._load_llm(progress)
+
+
 async def test_ui_shows_before_the_model_and_queues_what_is_typed(model, tmp_path):
-    release = threading.Event()
-
-    class SlowLoadingApp(ChatpagerApp):  # as the default model's first start (it converts once)
-        def _load_llm(self, progress):
-            release.wait(30)
-            return super()._load_llm(progress)
-
-    app = make_app(model, tmp_path, app_class=SlowLoadingApp)
+    app = make_app(model, tmp_path, app_class=GatedApp)
     async with running(app) as pilot:
         assert app.engine.snapshot is None and app.model_status == "loading…"
         assert len(app.main.query_one(SessionList).options) == 1
         await say(pilot, "hello while loading")
         await pilot.pause(0.2)
         assert app.current.state == "queued"
-        release.set()
+        app.release.set()
         await until(pilot, lambda: not app.current.busy)
         assert [m.role for m in app.current.messages] == ["user", "assistant"]
-        assert "llama" in app.model_status and "cpu" in app.model_status and "torch" in app.model_status
+        assert "llama" in app.model_status and "cpu" in app.model_status
 
 
 async def test_a_reply_streams_into_the_chat_and_is_stored(model, tmp_path):
@@ -204,6 +210,24 @@ async def test_two_sessions_generate_at_the_same_time(model, tmp_path):
         for session in (first, second):
             app.conversations.stop(session)
         await until(pilot, lambda: not first.busy and not second.busy)
+
+
+async def test_a_full_pool_preempts_and_the_session_shows_it(model, tmp_path):
+    app = make_app(model, tmp_path, app_class=GatedApp, num_blocks=12, params=ENDLESS)
+    async with running(app) as pilot:  # 12 blocks of 16: 192 tokens in all
+        await say(pilot, "/system terse")
+        await say(pilot, "one")
+        await say(pilot, "/new terse")
+        await say(pilot, "two")
+        app.release.set()  # both start together, and outgrow the pool together
+        sidebar = app.main.query_one(SessionList)
+        await until(pilot, lambda: "preempted" in str(sidebar.options[0].prompt)
+                    + str(sidebar.options[1].prompt))
+        assert stats(app)["preemptions"] > 0
+        # each reply ends at the pool's size ("length"); neither request failed
+        await until(pilot, lambda: not any(s.busy for s in app.conversations.sessions.values()))
+        assert all(s.error is None and s.messages[-1].role == "assistant"
+                   for s in app.conversations.sessions.values())
 
 
 async def test_fork_while_streaming_shares_blocks(model, tmp_path):
