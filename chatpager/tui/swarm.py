@@ -34,6 +34,7 @@ class Swarm:
         self.turns = turns
         self.params = params
         self.turns_per_tenant = turns_per_tenant
+        self._tenants: set[str] = set()  # session ids
         self._scripts: dict[str, deque[str]] = {}  # tenant session id -> turns still to send
         self._serial = itertools.count(1)
 
@@ -48,16 +49,18 @@ class Swarm:
             script = deque(
                 self.turns[(start + i) % len(self.turns)] for i in range(self.turns_per_tenant)
             )
+            self._tenants.add(session.id)
             self._scripts[session.id] = script
             self._next_turn(session)
             tenants.append(session)
         return tenants
 
     def is_tenant(self, session: Session) -> bool:
-        return session.id in self._scripts
+        return session.id in self._tenants
 
     @property
     def active(self) -> int:
+        """Tenants whose script is still running."""
         return len(self._scripts)
 
     def advance(self, finished: Iterable[tuple[str, str]]) -> None:
