@@ -16,6 +16,7 @@ from chatpager.tui.config import AppConfig
 from chatpager.tui.prompts import load_prompts
 from chatpager.tui.session import Message, Session
 from chatpager.tui.store import Store
+from chatpager.tui.widgets.block_map import BlockMap
 
 SIZE = (150, 42)
 
@@ -48,11 +49,14 @@ def app(snapshot_model, tmp_path) -> ChatpagerApp:
 
 
 async def model_loaded(pilot) -> None:
+    """Until the cache view shows the loaded model's pool."""
     deadline = time.monotonic() + 60
-    while pilot.app.engine.snapshot is None or "tiny" not in pilot.app.model_status:
+    while not any(m.snapshot for m in pilot.app.main.query(BlockMap)) or (
+        "tiny" not in pilot.app.sub_title
+    ):
         assert time.monotonic() < deadline
         await pilot.pause(0.05)
-    await pilot.pause(0.3)  # a cache refresh with the loaded model
+    await pilot.pause()
 
 
 def test_main_screen(snap_compare, app):
