@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from chatpager.kernels import paged_attention_torch, write_kv_torch
+from chatpager.kernels.paged_attention_torch import plan_paged_attention
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -22,6 +23,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]
     seq_lens: torch.Tensor  # int32 [num_seqs]: context length after this step
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    plan: object = None  # the backend's per-step plan (AttentionBackend.plan), shared by every layer
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +31,18 @@ class AttentionBackend:
     name: str
     write_kv: Callable[..., None]
     attend: Callable[..., torch.Tensor]
+    # (block_tables, seq_lens, query_start_loc, block_size) -> plan: the layer-independent part of
+    # attention, worked out once a step and handed to `attend` as `plan=`
+    planner: Callable[..., object] | None = None
 
     def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
+        args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
+        return self.attend(*args) if meta.plan is None else self.attend(*args, plan=meta.plan)
+
+    def plan(self, meta: AttentionMetadata, block_size: int) -> None:
+        if self.planner is not None:
+            meta.plan = self.planner(meta.block_tables, meta.seq_lens, meta.query_start_loc, block_size)
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:
@@ -42,7 +52,7 @@ def select_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
-        return AttentionBackend("torch", write_kv_torch, paged_attention_torch)
+        return AttentionBackend("torch", write_kv_torch, paged_attention_torch, plan_paged_attention)
     from chatpager.kernels import paged_attention_triton, write_kv_triton
 
     label = "triton" if device.type == "cuda" else "triton (interpreter)"
