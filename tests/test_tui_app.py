@@ -335,7 +335,7 @@ async def test_a_model_that_fails_to_load_is_reported(tmp_path):
 
 
 async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):
-    tenant_params = SamplingParams(temperature=0.8, max_tokens=200, ignore_eos=True)
+    tenant_params = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True)
     app = make_app(model, tmp_path, swarm=2, swarm_params=tenant_params)  # as --swarm 2
     async with running(app) as pilot:
         await say(pilot, "/swarm 1")

@@ -17,6 +17,7 @@ from chatpager.tui.prompts import load_prompts
 from chatpager.tui.session import Message, Session
 from chatpager.tui.store import Store
 from chatpager.tui.widgets.block_map import BlockMap
+from chatpager.tui.widgets.prompt_input import PromptInput
 
 SIZE = (150, 42)
 
@@ -56,6 +57,7 @@ async def model_loaded(pilot) -> None:
     ):
         assert time.monotonic() < deadline
         await pilot.pause(0.05)
+    pilot.app.main.query_one(PromptInput).cursor_blink = False  # a blink is a timing
     await pilot.pause()
 
 
