@@ -1,0 +1,161 @@
+"""`chatpager bench`: the chat workload on chatpager and on transformers, one run, one report.
+
+    chatpager bench                                  # default workload, about a minute of chatpager
+    chatpager bench --sessions 64 --turns 8          # scale up
+    chatpager bench --json out.json --plot out.png   # for machines and for people
+    chatpager bench --quick --model DIR              # a seconds-long smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from chatpager.bench.workload import WorkloadSpec
+
+DEFAULT_THREADS = 1  # see --threads and BENCHMARKS.md: 2 threads ran the default workload 4.5x slower here
+DEFAULT_KV_CACHE_MIB = 1024  # fp32 K/V of SmolLM2-135M: 45 KiB a token, so ~23k slots
+# A context a chat server would configure for this workload (its longest session is ~900 tokens).
+# SmolLM2's own 8192 would make contiguous allocation look 4x worse still.
+DEFAULT_MAX_MODEL_LEN = 2048
+QUICK = dict(sessions=4, turns=2, max_tokens=8, hf_serial_sessions=1, hf_batch=2, hf_static_sessions=2)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="chatpager bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = WorkloadSpec()
+    w = p.add_argument_group("workload")
+    w.add_argument("--sessions", type=int, default=d.sessions, help="concurrent chat sessions S (%(default)s)")
+    w.add_argument("--turns", type=int, default=d.turns, help="turns per session T (%(default)s)")
+    w.add_argument("--max-tokens", type=int, default=d.max_tokens, help="reply cap R (%(default)s)")
+    w.add_argument("--ignore-eos", action="store_true", help="every reply is exactly --max-tokens long")
+    w.add_argument("--seed", type=int, default=d.seed)
+    w.add_argument("--prompts", type=Path, default=d.prompts_dir, help="folder of system prompts (*.md)")
+    w.add_argument("--quick", action="store_true", help="a tiny workload for smoke tests")
+    e = p.add_argument_group("chatpager")
+    e.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help=f"context per sequence, also what contiguous allocation reserves "
+                        f"(default {DEFAULT_MAX_MODEL_LEN}, or the model's limit if smaller)")
+    e.add_argument("--kv-cache-mib", type=int, default=DEFAULT_KV_CACHE_MIB,
+                   help="KV pool size in MiB (%(default)s: the default workload's sessions all fit)")
+    e.add_argument("--block-size", type=int, default=16)
+    e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="torch threads for both engines (%(default)s; 0: torch's own choice). On a shared "
+                        "2-core machine a second thread waits at every op's barrier for a core")
+    t = p.add_argument_group("transformers baselines")
+    t.add_argument("--hf-serial-sessions", type=int, default=1,
+                   help="sessions run one at a time on generate (%(default)s; 0 skips)")
+    t.add_argument("--hf-batch", type=int, default=4, help="static batch size (%(default)s)")
+    t.add_argument("--hf-static-sessions", type=int, default=None,
+                   help="sessions run in static batches (default: one batch; 0 skips)")
+    t.add_argument("--no-transformers", action="store_true", help="skip both transformers baselines")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", type=Path, default=None, help="write the full report here")
+    o.add_argument("--plot", type=Path, default=None, help="write a PNG: utilization, blocks, throughput")
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    if args.hf_static_sessions is None:
+        args.hf_static_sessions = args.hf_batch
+    if args.no_transformers:
+        args.hf_serial_sessions = args.hf_static_sessions = 0
+    return args
+
+
+@contextmanager
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        yield bar
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    args.command = " ".join(["chatpager bench", *argv])
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    spec = WorkloadSpec(sessions=args.sessions, turns=args.turns, max_tokens=args.max_tokens,
+                        ignore_eos=args.ignore_eos, seed=args.seed, prompts_dir=args.prompts)
+    report = run_bench(args, spec, console)
+    from chatpager.bench.report import print_report
+
+    print_report(report, console)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        console.print(f"report: {args.json}")
+    if args.plot:
+        from chatpager.bench.plot import plot_report
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_report(report, args.plot)
+        console.print(f"plot: {args.plot}")
+    return 0
+
+
+def _load_llm(args: argparse.Namespace):
+    from chatpager.engine.llm import LLM
+
+    kwargs = dict(model=args.model, kv_cache_memory=args.kv_cache_mib * 2**20, block_size=args.block_size,
+                  max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.max_model_len is not None:
+        return LLM(max_model_len=args.max_model_len, **kwargs)
+    try:
+        return LLM(max_model_len=DEFAULT_MAX_MODEL_LEN, **kwargs)
+    except ValueError as exc:  # checked before the weights load: cheap to retry
+        if "exceeds the model's limit" not in str(exc):
+            raise
+        return LLM(**kwargs)
+
+
+def run_bench(args: argparse.Namespace, spec: WorkloadSpec, console) -> dict:
+    import torch
+
+    from chatpager.bench.chatpager_runner import run_chatpager
+    from chatpager.bench.contiguous import allocation_model
+    from chatpager.bench.report import build_report
+    from chatpager.bench.workload import build_workload
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sessions = build_workload(spec)
+    load_before = os.getloadavg()[0]
+    with _progress(console) as bar:
+        task = bar.add_task("loading chatpager", total=None)
+        llm = _load_llm(args)
+        bar.update(task, total=1, completed=1)
+        task = bar.add_task("chatpager", total=spec.sessions * spec.turns)
+        cp_run, trace = run_chatpager(llm, sessions, spec, lambda n: bar.advance(task, n))
+        serial = static = None
+        if args.hf_serial_sessions or args.hf_static_sessions:
+            from chatpager.bench.transformers_runner import TransformersRunner, load_model
+
+            task = bar.add_task("loading transformers", total=None)
+            hf = TransformersRunner(load_model(llm.model_info["path"]), llm.tokenizer, llm.encode_chat,
+                                    llm.engine.eos_token_ids, spec)
+            bar.update(task, total=1, completed=1)
+            for n, bs, label in ((args.hf_serial_sessions, 1, "transformers serial"),
+                                 (args.hf_static_sessions, args.hf_batch, "transformers static batch")):
+                if n <= 0:
+                    continue
+                subset = sessions[:n]
+                task = bar.add_task(label, total=len(subset) * spec.turns)
+                result = hf.run(subset, bs, lambda k, task=task: bar.advance(task, k))
+                if bs == 1:
+                    serial = result
+                else:
+                    static = result
+    model = llm.model
+    contiguous = allocation_model(cp_run.turns, trace.block_size, trace.num_blocks, llm.engine.max_model_len,
+                                  spec.max_tokens, model.config.kv_bytes_per_token(model.embed.dtype))
+    return build_report(spec, sessions, llm.model_info, args.command, cp_run, trace, contiguous,
+                        serial, static, {"before": load_before, "after": os.getloadavg()[0]})
