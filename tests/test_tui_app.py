@@ -336,12 +336,14 @@ async def test_a_model_that_fails_to_load_is_reported(tmp_path):
 
 async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):
     tenant_params = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True)
-    app = make_app(model, tmp_path, swarm=2, swarm_params=tenant_params)  # as --swarm 2
-    async with running(app) as pilot:
+    app = make_app(model, tmp_path, app_class=GatedApp, swarm=2, swarm_params=tenant_params)
+    async with running(app) as pilot:  # started as with --swarm 2
         await say(pilot, "/swarm 1")
         tenants = [s for s in app.conversations.sessions.values() if app.swarm.is_tenant(s)]
         assert [t.title for t in tenants] == ["tenant 1", "tenant 2", "tenant 3"]
         assert len(app.main.query_one(SessionList).options) == 4
+        assert {t.state for t in tenants} == {"queued"}
+        app.release.set()
         await until(pilot, lambda: app.engine.snapshot and stats(app)["running"] >= 2)
         # tenants 1-3 use prompts that start with the same house style
         await until(pilot, lambda: stats(app)["prefix_hit_tokens"] > 1000)
