@@ -12,7 +12,7 @@ N sequences (default 64) start from the chat workload's first-turn prompts (shar
 prompts, so prefix hits and shared blocks are exercised) and decode with EOS ignored; the
 measured window starts once all N are decoding.
 
-    .venv/bin/python benchmarks/block_management.py [--seqs 64] [--steps 20] [--threads 1]
+    .venv/bin/python benchmarks/block_management.py [--seqs 64] [--steps 20] [--threads N]
 
 Cross-check with a sampling profiler (no wrappers):
     .venv/bin/py-spy record -r 100 -o profile.svg -- .venv/bin/python benchmarks/block_management.py
@@ -24,10 +24,11 @@ import os
 import time
 from collections import defaultdict
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatpager bench` does; before torch loads
+import torch  # noqa: E402
 
-from chatpager import LLM, SamplingParams
-from chatpager.bench.workload import WorkloadSpec, build_workload
+from chatpager import LLM, SamplingParams  # noqa: E402
+from chatpager.bench.workload import WorkloadSpec, build_workload  # noqa: E402
 
 BLOCK_MANAGER_CALLS = ("cache_full_blocks", "free", "allocate_slots", "match_prefix", "admit")
 IN_SCHEDULE = ("allocate_slots", "match_prefix", "admit")  # called from Scheduler.schedule
@@ -57,10 +58,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--max-tokens", type=int, default=200)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     llm = LLM(max_model_len=2048, kv_cache_memory=2**30)
     eng = llm.engine
     timers = Timers()

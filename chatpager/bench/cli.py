@@ -15,7 +15,6 @@ from pathlib import Path
 
 from chatpager.bench.workload import WorkloadSpec
 
-DEFAULT_THREADS = 1  # see --threads and BENCHMARKS.md: 2 threads ran the default workload 4.5x slower here
 DEFAULT_KV_CACHE_MIB = 1024  # fp32 K/V of SmolLM2-135M: 45 KiB a token, so ~23k slots
 # A context a chat server would configure for this workload (its longest session is ~900 tokens).
 # SmolLM2's own 8192 would make contiguous allocation look 4x worse still.
@@ -44,9 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="KV pool size in MiB (%(default)s: the default workload's sessions all fit)")
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
-    e.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help="torch threads for both engines (%(default)s; 0: torch's own choice). On a shared "
-                        "2-core machine a second thread waits at every op's barrier for a core")
+    e.add_argument("--threads", type=int, default=0,
+                   help="torch threads, for every runner (default: torch's choice, one per core)")
     t = p.add_argument_group("transformers baselines")
     t.add_argument("--hf-serial-sessions", type=int, default=1,
                    help="sessions run one at a time on generate (%(default)s; 0 skips)")
@@ -79,6 +77,11 @@ def _progress(console):
 
 
 def main(argv: list[str]) -> int:
+    # Threads that wait at a barrier should sleep, not spin: with two other busy processes on
+    # this 2-core machine, 2 spinning threads ran a small workload in 105 s, 2 sleeping ones in
+    # 39 s, 1 thread in 44 s (BENCHMARKS.md). libgomp reads this once, when torch is first
+    # imported; a value the user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse_args(argv)
     args.command = " ".join(["chatpager bench", *argv])
     from rich.console import Console
@@ -135,6 +138,7 @@ def run_bench(args: argparse.Namespace, spec: WorkloadSpec, console) -> dict:
         bar.update(task, total=1, completed=1)
         task = bar.add_task("chatpager", total=spec.sessions * spec.turns)
         cp_run, trace = run_chatpager(llm, sessions, spec, lambda n: bar.advance(task, n))
+        cp_run.settings["threads"] = torch.get_num_threads()
         serial = static = None
         if args.hf_serial_sessions or args.hf_static_sessions:
             from chatpager.bench.transformers_runner import TransformersRunner, load_model
@@ -150,6 +154,7 @@ def run_bench(args: argparse.Namespace, spec: WorkloadSpec, console) -> dict:
                 subset = sessions[:n]
                 task = bar.add_task(label, total=len(subset) * spec.turns)
                 result = hf.run(subset, bs, lambda k, task=task: bar.advance(task, k))
+                result.settings["threads"] = torch.get_num_threads()
                 if bs == 1:
                     serial = result
                 else:

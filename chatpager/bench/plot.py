@@ -20,7 +20,7 @@ def plot_report(report: dict, path: str | Path) -> None:
     util.axhline(100 * cp["kv_utilization_mean"], ls="--", color="gray",
                  label=f"mean {cp['kv_utilization_mean']:.1%}")
     util.set(title="KV utilization (tokens held ÷ slots in blocks held by live sequences)",
-             xlabel="seconds", ylabel="%", ylim=(0, 101))
+             xlabel="seconds", ylabel="%", ylim=(max(0, min((u for _, u in busy), default=0) - 5), 100.5))
     util.legend(loc="lower right")
 
     blocks.plot(trace["t"], trace["used_blocks"], lw=1, label="blocks in use")
@@ -32,7 +32,7 @@ def plot_report(report: dict, path: str | Path) -> None:
     running.plot(trace["t"], trace["running"], lw=1, color="tab:orange", label="running sequences")
     running.set_ylabel("sequences")
     lines = blocks.get_legend_handles_labels()[0] + running.get_legend_handles_labels()[0]
-    blocks.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    blocks.legend(lines, [ln.get_label() for ln in lines], loc="lower center")
 
     names = [k for k in ("chatpager", "transformers_serial", "transformers_static") if k in report]
     values = [report[k]["output_tokens_per_s"] for k in names]

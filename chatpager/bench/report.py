@@ -28,7 +28,7 @@ def machine_info() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
@@ -139,6 +139,7 @@ def print_report(report: dict, console) -> None:
     turns = sorted({int(k) for _, r in runs for k in r["ttft_s_by_turn"]})
     rows = [("sessions × turns run", lambda r: f"{r['sessions']} × {r['turns'] // max(r['sessions'], 1)}"),
             ("batch size", lambda r: _fmt(r.get("batch_size"))),
+            ("torch threads", lambda r: _fmt(r.get("threads"))),
             ("output tokens", lambda r: _fmt(r["output_tokens"])),
             ("prompt tokens sent", lambda r: _fmt(r["prompt_tokens"])),
             ("wall s", lambda r: _fmt(r["wall_s"], 1)),
@@ -193,7 +194,7 @@ def print_report(report: dict, console) -> None:
     console.print(g)
     meta = report["meta"]
     console.print(f"{meta['date']} · {meta['machine']['cpu']} · {meta['machine']['cores']} cores · "
-                  f"torch {meta['machine']['torch']} ({meta['machine']['torch_threads']} threads) · "
+                  f"torch {meta['machine']['torch']} (OMP_WAIT_POLICY={meta['machine']['omp_wait_policy']}) · "
                   f"load average {meta['load_average']['before']:.2f} → {meta['load_average']['after']:.2f}")
 
 
