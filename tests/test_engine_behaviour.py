@@ -148,3 +148,4 @@ def test_kv_utilization_counts_filled_slots(llm):
     eng.add_request(prompt(14, 24), GREEDY)  # 24 tokens in 2 blocks of 16
     eng.step()
     assert llm.stats()["kv_utilization"] == pytest.approx(24 / 32)
+

@@ -195,6 +195,7 @@ class LLMEngine:
     def _finish_reason(self, seq: Sequence, token: int, delta: str) -> str | None:
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
+            seq.detok.flush(self.tokenizer, seq.output_token_ids)
             return "stop"
         if p.stop and delta:
             text = seq.detok.text
@@ -205,6 +206,7 @@ class LLMEngine:
                 seq.detok.text = text[:min(hits)]
                 return "stop"
         if len(seq.output_token_ids) >= seq.max_output_tokens or seq.num_tokens >= seq.max_len:
+            seq.detok.flush(self.tokenizer, seq.output_token_ids)
             return "length"
         return None
 

@@ -80,3 +80,10 @@ class Detokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(output_ids)
         return delta
+
+    def flush(self, tokenizer, output_ids: list[int]) -> None:
+        """At the end: keep what the held-back tokens spell, replacement characters included."""
+        prefix = tokenizer.decode(output_ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        full = tokenizer.decode(output_ids[self.prefix_offset:], skip_special_tokens=True)
+        self.text += full[len(prefix):]
+        self.prefix_offset = self.read_offset = len(output_ids)
