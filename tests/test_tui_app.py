@@ -13,6 +13,7 @@ from rich.console import Console
 
 from chatpager import SamplingParams
 from chatpager.tui.app import ChatpagerApp
+from chatpager.engine_args import EngineArgs
 from chatpager.tui.config import AppConfig
 from chatpager.tui.screens.confirm import ConfirmScreen
 from chatpager.tui.screens.help import HelpScreen
@@ -38,9 +39,11 @@ def model(tiny_model_factory) -> str:
     return tiny_model_factory("llama", max_position_embeddings=8192)
 
 
-def make_app(model: str, data_dir: Path, app_class=ChatpagerApp, **settings) -> ChatpagerApp:
-    settings = {"num_blocks": 1024, "params": SHORT, "refresh_interval": 0.05} | settings
-    app = app_class(AppConfig(model=model, data_dir=data_dir, **settings))
+def make_app(model: str, data_dir: Path, app_class=ChatpagerApp, num_blocks: int = 1024,
+             **settings) -> ChatpagerApp:
+    settings = {"params": SHORT, "refresh_interval": 0.05} | settings
+    engine = EngineArgs(model=model, num_blocks=num_blocks)
+    app = app_class(AppConfig(engine=engine, data_dir=data_dir, **settings))
     app.notices = []  # every notification's text, for assertions
     notify = app.notify
 

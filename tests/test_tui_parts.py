@@ -105,9 +105,15 @@ def test_block_states_and_lru_shades():
 def test_command_line_options_become_the_app_config(tmp_path):
     config = parse_args(["--num-blocks", "256", "--block-size", "32", "--swarm", "4",
                          "--data-dir", str(tmp_path), "--attention", "torch", "--dtype", "bfloat16"])
-    assert (config.num_blocks, config.block_size, config.swarm) == (256, 32, 4)
+    engine = config.engine
+    assert (engine.num_blocks, engine.block_size, config.swarm) == (256, 32, 4)
     assert config.database == tmp_path / "chatpager.sqlite3"
-    assert (config.attention, config.dtype, config.device, config.model) == ("torch", "bfloat16",
+    assert (engine.attention, engine.dtype, engine.device, engine.model) == ("torch", "bfloat16",
                                                                              "auto", None)
-    with pytest.raises(SystemExit):
-        parse_args(["--num-blocks", "0"])
+    for bad in (["--num-blocks", "0"], ["--kv-cache-memory", "-1"], ["--preemption-mode", "x"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    options = parse_args(["--kv-cache-memory", "64", "--no-prefix-caching", "--preemption-mode", "swap",
+                          "--max-model-len", "512"]).engine.llm_kwargs()
+    assert options["kv_cache_memory"] == 64 * 2**20 and options["enable_prefix_caching"] is False
+    assert (options["preemption_mode"], options["max_model_len"]) == ("swap", 512)

@@ -12,6 +12,7 @@ import pytest
 from chatpager import SamplingParams
 from chatpager.engine.tiny_model import make_tiny_model
 from chatpager.tui.app import ChatpagerApp
+from chatpager.engine_args import EngineArgs
 from chatpager.tui.config import AppConfig
 from chatpager.tui.prompts import load_prompts
 from chatpager.tui.session import Message, Session
@@ -44,7 +45,7 @@ def app(snapshot_model, tmp_path) -> ChatpagerApp:
         store.save_session(session)
         store.replace_messages(session)
     store.close()
-    config = AppConfig(model=snapshot_model, num_blocks=512, data_dir=tmp_path,
+    config = AppConfig(engine=EngineArgs(model=snapshot_model, num_blocks=512), data_dir=tmp_path,
                        params=SamplingParams(max_tokens=4))
     return ChatpagerApp(config)
 

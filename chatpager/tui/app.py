@@ -122,9 +122,7 @@ class ChatpagerApp(App, inherit_bindings=False):
     def _load_llm(self, progress: ProgressFn):
         from chatpager import LLM  # torch and transformers load on the engine thread
 
-        c = self.config
-        return LLM(model=c.model, num_blocks=c.num_blocks, block_size=c.block_size,
-                   device=c.device, dtype=c.dtype, attention=c.attention, progress=progress)
+        return LLM(**self.config.engine.llm_kwargs(), progress=progress)
 
     @property
     def current(self) -> Session:

@@ -7,6 +7,7 @@ from pathlib import Path
 import platformdirs
 
 from chatpager.engine.sampling_params import SamplingParams
+from chatpager.engine_args import EngineArgs
 
 
 def default_data_dir() -> Path:
@@ -15,12 +16,7 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class AppConfig:
-    model: str | None = None  # None: the default model
-    num_blocks: int | None = None
-    block_size: int = 16
-    attention: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
+    engine: EngineArgs = field(default_factory=EngineArgs)  # what LLM(...) is built with
     swarm: int = 0  # tenants to start with
     data_dir: Path = field(default_factory=default_data_dir)
     params: SamplingParams = field(

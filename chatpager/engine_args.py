@@ -1,0 +1,73 @@
+"""The engine's command-line options, shared by every front end (TUI, `serve`, `bench`).
+
+`add_engine_args(parser)` adds them; `EngineArgs.from_namespace(args)` reads them back into one
+record whose `llm_kwargs()` are the keyword arguments of `LLM(...)`. Only argparse is imported
+here: front ends parse their command line before torch loads.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+MIB = 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class EngineArgs:
+    model: str | None = None  # None: the default model
+    num_blocks: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: the engine's default
+    max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None
+    attention: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    preemption_mode: str = "recompute"
+    enable_prefix_caching: bool = True
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "EngineArgs":
+        mib = args.kv_cache_memory
+        return cls(
+            model=args.model, num_blocks=args.num_blocks, block_size=args.block_size,
+            kv_cache_memory=None if mib is None else int(mib * MIB),
+            max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+            attention=args.attention, device=args.device, dtype=args.dtype,
+            preemption_mode=args.preemption_mode, enable_prefix_caching=not args.no_prefix_caching,
+        )
+
+    def llm_kwargs(self) -> dict:
+        return asdict(self)
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--num-blocks", type=_positive(int), help="KV blocks in the pool (default: sized from memory)")
+    g.add_argument("--block-size", type=_positive(int), default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--kv-cache-memory", type=_positive(float), metavar="MIB",
+                   help="KV pool size in MiB (default: 256 on CPU, 85%% of free memory on CUDA)")
+    g.add_argument("--max-model-len", type=_positive(int), help="context per sequence (default: the model's)")
+    g.add_argument("--max-num-batched-tokens", type=_positive(int),
+                   help="token budget per engine step (default: 512 on CPU, 8192 on CUDA)")
+    g.add_argument("--attention", choices=("auto", "torch", "triton"), default="auto")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    g.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute",
+                   help="what happens to a sequence when the pool runs out (default: recompute)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
