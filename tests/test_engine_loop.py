@@ -7,7 +7,7 @@ import time
 import pytest
 
 from chatpager import SamplingParams
-from chatpager.engine.loop import EngineLoop, Loaded, LoadFailed, LoadProgress, Rejected
+from chatpager.engine.loop import Accepted, EngineLoop, Loaded, LoadFailed, LoadProgress, Rejected
 from chatpager.engine.outputs import RequestOutput
 
 CHAT = [{"role": "user", "content": "hello"}]
@@ -113,3 +113,36 @@ def test_a_model_that_fails_to_load_is_reported_and_requests_rejected():
     assert "failed to load" in next(e for e in collector.events if isinstance(e, Rejected)).message
     loop.close()
     assert not loop.is_alive()
+
+
+def test_a_subscribed_channel_sees_only_its_own_requests_and_the_main_channel_sees_all(started):
+    loop, main = started
+    mine = Collector()
+    channel = loop.subscribe(mine.wake)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    loop.submit("text", "Once upon a time", SamplingParams(temperature=0.8, max_tokens=4, n=2),
+                tag={"tenant": "alice"}, reply_to=channel)
+    loop.submit("ids", [1, 2, 3, 4, 5], params, reply_to=channel)
+    loop.submit("local", CHAT, params)
+    mine.pump(channel, lambda: {"text", "text.1", "ids"} <= set(mine.finals()))
+    main.pump(loop, lambda: {"text", "text.1", "ids", "local"} <= set(main.finals()))
+    assert "local" not in {getattr(e, "request_id", None) for e in mine.events}
+    assert not any(isinstance(e, (LoadProgress, Loaded)) for e in mine.events)
+    accepted = {e.request_id: e.tag for e in main.events if isinstance(e, Accepted)}
+    assert accepted == {"text": {"tenant": "alice"}, "ids": None, "local": None}
+    assert mine.finals()["ids"].prompt_token_ids == (1, 2, 3, 4, 5)
+    assert mine.finals()["text.1"].parent_id == "text"
+    # Accepted comes before the request's outputs on every channel.
+    kinds = [type(e) for e in mine.events if getattr(e, "request_id", "") == "ids"]
+    assert kinds[0] is Accepted and set(kinds[1:]) == {RequestOutput}
+
+
+def test_a_rejection_reaches_the_submitting_channel_as_a_bad_request(started):
+    loop, _ = started
+    mine = Collector()
+    channel = loop.subscribe(mine.wake)
+    loop.submit("long", "x" * 2000, SamplingParams(max_tokens=4, n=3), reply_to=channel)
+    mine.pump(channel, lambda: any(isinstance(e, Rejected) for e in mine.events))
+    rejected = next(e for e in mine.events if isinstance(e, Rejected))
+    assert rejected.request_id == "long" and rejected.bad_request and "context" in rejected.message
+    assert not loop._owners  # nothing kept for a request that never ran

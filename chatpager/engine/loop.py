@@ -1,4 +1,5 @@
-"""EngineLoop: the one thread that owns an LLM and its engine, for a UI to drive.
+"""EngineLoop: the one thread that owns an LLM and its engine, for its clients (the TUI, the
+HTTP server) to drive.
 
 Invariants:
 - Only the loop's thread touches the LLM (its construction included) and its engine; other
@@ -8,10 +9,22 @@ Invariants:
   with `Rejected`.
 - The loop steps while the engine has unfinished work and blocks on the queue otherwise
   (no busy waiting).
-- Events are coalesced: at most one pending `RequestOutput` per request, the latest. Its
-  `text` and `token_ids` are cumulative, so a reader that drains rarely loses nothing but
-  `new_token_ids` of the steps it skipped. Other events are kept in order.
-- `wake()` is called after events are added; a reader drains with `drain()`.
+- Every submit is answered first by `Accepted` (carrying the submitter's `tag`) or by
+  `Rejected`; an accepted request then reports `RequestOutput`s until one is `finished`
+  (or an `EngineFailed` names it). Parallel samples of request X report as "X.1", "X.2"...
+- Events go to channels (`Channel`), each with its own pending events and wake-up call:
+  - the main channel (the constructor's `wake`, read with `drain()`) sees every event:
+    loading, and every request whoever submitted it. The TUI is the main channel and so
+    shows requests made over HTTP beside its own.
+  - a channel from `subscribe(wake)` sees only the requests submitted with `reply_to=` it
+    (their samples included), and of an `EngineFailed` only its own request ids. Its
+    requests stay its own until they finish; forks of them belong to the main channel.
+- Within a channel, events are coalesced: at most one pending `RequestOutput` per request,
+  the latest. Its `text` and `token_ids` are cumulative, so a reader that drains rarely
+  loses nothing but `new_token_ids` of the steps it skipped. Other events are kept in order,
+  and an event about a request is never drained after a later one about the same request.
+- A channel's `wake()` is called (on the loop's thread: it must only schedule work) after
+  events are added to it; its reader drains with `drain()`.
 - `snapshot` is the latest CacheSnapshot: replaced at most every `snapshot_interval`
   seconds while stepping, and whenever the engine has just gone idle or applied a command.
 """
@@ -21,17 +34,21 @@ import itertools
 import queue
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 from chatpager.engine.outputs import CacheSnapshot, RequestOutput
 from chatpager.engine.sampling_params import SamplingParams
+from chatpager.errors import ChatpagerError
 
 if TYPE_CHECKING:
     from chatpager.llm import LLM
 
 ProgressFn = Callable[[str, "float | None"], None]
+# Text, token ids, or chat messages (rendered with the model's chat template).
+Prompt = Union[str, Sequence[int], Sequence[Mapping[str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +68,21 @@ class LoadFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Accepted:
+    """`request_id` passed the engine's checks and is queued; `tag` is what its submitter
+    attached (the HTTP server's tenant and messages, say), for watchers of the main channel."""
+
+    request_id: str
+    tag: object = None
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
     """A command about `request_id` could not be applied (bad prompt, pool too small...)."""
 
     request_id: str
     message: str
+    bad_request: bool = True  # the request's own fault; False: the engine could not serve it
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +94,46 @@ class EngineFailed:
     request_ids: tuple[str, ...]
 
 
-Event = Union[LoadProgress, Loaded, LoadFailed, Rejected, EngineFailed, RequestOutput]
+Event = Union[LoadProgress, Loaded, LoadFailed, Accepted, Rejected, EngineFailed, RequestOutput]
+
+
+class Channel:
+    """One client's events: its own coalesced pending events and wake-up call. Thread-safe."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, Any], Event] = {}
+        self._serial = itertools.count()
+
+    def drain(self) -> list[Event]:
+        """Take every pending event, oldest first."""
+        with self._lock:
+            events = list(self._pending.values())
+            self._pending.clear()
+        return events
+
+    def _post(self, events: Sequence[Event]) -> None:
+        with self._lock:
+            for event in events:
+                if isinstance(event, RequestOutput):
+                    key = ("output", event.request_id)
+                    # An output replacing a pending one keeps that one's place in the order.
+                else:
+                    key = ("event", next(self._serial))
+                self._pending[key] = event
+        self._wake()
 
 
 @dataclass(frozen=True, slots=True)
 class _Submit:
     request_id: str
-    messages: tuple[Mapping[str, str], ...]
+    prompt: str | tuple[int, ...] | tuple[Mapping[str, str], ...]
+    chat: bool
     params: SamplingParams
+    cache_salt: str | None
+    tag: object
+    reply_to: Channel | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,31 +156,52 @@ class EngineLoop:
     def __init__(
         self,
         load: Callable[[ProgressFn], LLM],
-        wake: Callable[[], None] = lambda: None,
+        wake: Callable[[], None] | None = None,
         snapshot_interval: float = 0.1,
     ) -> None:
-        """`load(progress)` builds the LLM; it runs on the loop's thread."""
+        """`load(progress)` builds the LLM; it runs on the loop's thread. `wake` makes the main
+        channel (see the module docstring); without it, only subscribed channels get events."""
         self._load = load
-        self._wake = wake
+        self._main = Channel(wake) if wake is not None else None
+        self._owners: dict[str, Channel] = {}  # request id -> its subscribed channel (loop thread)
         self._snapshot_interval = snapshot_interval
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._pending: dict[tuple[str, Any], Event] = {}
-        self._serial = itertools.count()
         self._thread = threading.Thread(target=self._run, name="chatpager-engine", daemon=True)
         self.snapshot: CacheSnapshot | None = None
         self.model_info: dict | None = None
-        self._unusable = "the model is not loaded"  # why submits are rejected without an LLM
+        self._unusable: str | None = "the model is not loaded"  # why submits are rejected
 
     # -- called from any thread ------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
+    def subscribe(self, wake: Callable[[], None]) -> Channel:
+        """A channel for the requests submitted with `reply_to=` it."""
+        return Channel(wake)
+
     def submit(
-        self, request_id: str, messages: Sequence[Mapping[str, str]], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        *,
+        cache_salt: str | None = None,
+        tag: object = None,
+        reply_to: Channel | None = None,
     ) -> None:
-        """Queue a chat request; its outputs arrive as `RequestOutput` events."""
-        self._commands.put(_Submit(request_id, tuple(dict(m) for m in messages), params))
+        """Queue a request: chat messages, text or token ids. It is answered by `Accepted` or
+        `Rejected`, then `RequestOutput` events; on `reply_to`'s channel if given (and on the
+        main channel in any case). `cache_salt` keeps its prefix-cache blocks apart from those
+        of requests with another salt."""
+        if isinstance(prompt, str):
+            command = _Submit(request_id, prompt, False, params, cache_salt, tag, reply_to)
+        elif prompt and isinstance(prompt[0], Mapping):
+            messages = tuple(dict(m) for m in prompt)
+            command = _Submit(request_id, messages, True, params, cache_salt, tag, reply_to)
+        else:
+            ids = tuple(int(t) for t in prompt)
+            command = _Submit(request_id, ids, False, params, cache_salt, tag, reply_to)
+        self._commands.put(command)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -142,25 +222,38 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def ready(self) -> bool:
+        """The model has loaded and the engine can take requests."""
+        return self.model_info is not None and self._unusable is None and self.is_alive()
+
     def drain(self) -> list[Event]:
-        """Take every pending event, oldest first."""
-        with self._lock:
-            events = list(self._pending.values())
-            self._pending.clear()
-        return events
+        """Take every pending event of the main channel, oldest first."""
+        return self._main.drain() if self._main is not None else []
 
     # -- the loop's thread -----------------------------------------------------------------
     def _publish(self, events: Sequence[Event]) -> None:
-        if not events:
-            return
-        with self._lock:
-            for event in events:
-                if isinstance(event, RequestOutput):
-                    key = ("output", event.request_id)
-                else:
-                    key = ("event", next(self._serial))
-                self._pending[key] = event
-        self._wake()
+        """Hand each event to the main channel and to its request's subscribed channel."""
+        routed: dict[Channel, list[Event]] = defaultdict(list)
+        for event in events:
+            if self._main is not None:
+                routed[self._main].append(event)
+            if isinstance(event, EngineFailed):
+                mine: dict[Channel, list[str]] = defaultdict(list)
+                for request_id in event.request_ids:
+                    if (owner := self._owners.pop(request_id, None)) is not None:
+                        mine[owner].append(request_id)
+                for owner, ids in mine.items():
+                    routed[owner].append(EngineFailed(event.message, tuple(ids)))
+                continue
+            request_id = getattr(event, "request_id", None)
+            owner = self._owners.get(request_id) if request_id is not None else None
+            if owner is not None:
+                routed[owner].append(event)
+                if isinstance(event, Rejected) or (isinstance(event, RequestOutput) and event.finished):
+                    del self._owners[request_id]
+        for channel, batch in routed.items():
+            channel._post(batch)
 
     def _load_llm(self) -> LLM | None:
         def progress(stage: str, fraction: float | None) -> None:
@@ -172,6 +265,7 @@ class EngineLoop:
             self._unusable = f"the model failed to load: {error}"
             self._publish([LoadFailed(f"{type(error).__name__}: {error}")])
             return None
+        self._unusable = None
         self.model_info = dict(llm.model_info)
         self.snapshot = llm.engine.snapshot()
         self._publish([Loaded(self.model_info)])
@@ -212,21 +306,36 @@ class EngineLoop:
             if llm is not None:
                 llm.engine.abort(command.request_id)  # a finished or unknown id is a no-op
             return
+        if isinstance(command, _Submit) and command.reply_to is not None:
+            for request_id in _group_ids(command.request_id, command.params.n):
+                self._owners[request_id] = command.reply_to
         if llm is None:
-            self._publish([Rejected(command.request_id, self._unusable)])
+            self._reject(command, self._unusable or "", bad_request=False)
             return
         try:
             if isinstance(command, _Submit):
-                prompt = llm.encode_chat(list(command.messages))
-                llm.engine.add_request(prompt, command.params, request_id=command.request_id)
-                live.add(command.request_id)
-                live.update(f"{command.request_id}.{i}" for i in range(1, command.params.n))
+                self._add_request(llm, command)
+                live.update(_group_ids(command.request_id, command.params.n))
             else:
                 llm.engine.fork(command.request_id, command.new_request_id, command.params)
                 live.add(command.new_request_id)
         except Exception as error:  # a bad request must not take the loop down
-            request_id = getattr(command, "new_request_id", command.request_id)
-            self._publish([Rejected(request_id, str(error))])
+            self._reject(command, str(error), isinstance(error, (ChatpagerError, ValueError)))
+
+    def _reject(self, command: _Submit | _Fork, message: str, bad_request: bool) -> None:
+        if isinstance(command, _Fork):
+            self._publish([Rejected(command.new_request_id, message, bad_request)])
+            return
+        for sample_id in _group_ids(command.request_id, command.params.n)[1:]:
+            self._owners.pop(sample_id, None)  # the main id's owner goes with the Rejected
+        self._publish([Rejected(command.request_id, message, bad_request)])
+
+    def _add_request(self, llm: LLM, command: _Submit) -> None:
+        prompt = llm.encode_chat(list(command.prompt)) if command.chat else command.prompt
+        if not isinstance(prompt, str):
+            prompt = list(prompt)
+        llm.engine.add_request(prompt, command.params, request_id=command.request_id)
+        self._publish([Accepted(command.request_id, command.tag)])
 
     def _step(self, llm: LLM, live: set[str]) -> bool:
         """One engine step; False when the engine broke beyond recovery."""
@@ -249,3 +358,8 @@ class EngineLoop:
                 live.discard(output.request_id)
         self._publish(outputs)
         return True
+
+
+def _group_ids(request_id: str, n: int) -> list[str]:
+    """A request's id and its parallel samples' ids, as the engine reports them."""
+    return [request_id] + [f"{request_id}.{i}" for i in range(1, n)]
