@@ -14,6 +14,9 @@ measured window starts once all N are decoding.
 
     .venv/bin/python benchmarks/block_management.py [--seqs 64] [--steps 20] [--threads N]
 
+It first prints the cost per token of the block keys (`BlockManager.match_prefix` on an empty
+pool: every full block of a long prompt is hashed once and looked up once).
+
 Cross-check with a sampling profiler (no wrappers):
     .venv/bin/py-spy record -r 100 -o profile.svg -- .venv/bin/python benchmarks/block_management.py
 """
@@ -29,6 +32,9 @@ import torch  # noqa: E402
 
 from chatpager import LLM, SamplingParams  # noqa: E402
 from chatpager.bench.workload import WorkloadSpec, build_workload  # noqa: E402
+from chatpager.engine.block_manager import BlockManager  # noqa: E402
+from chatpager.engine.block_pool import BlockPool  # noqa: E402
+from chatpager.engine.sequence import Sequence  # noqa: E402
 
 BLOCK_MANAGER_CALLS = ("cache_full_blocks", "free", "allocate_slots", "match_prefix", "admit")
 IN_SCHEDULE = ("allocate_slots", "match_prefix", "admit")  # called from Scheduler.schedule
@@ -54,6 +60,19 @@ class Timers:
         setattr(owner, name, timed)
 
 
+def key_cost_ns_per_token(num_tokens: int = 1 << 16, block_size: int = 16, repeats: int = 5) -> float:
+    """Best of `repeats`: hashing and looking up every full block of one long prompt."""
+    tokens = [(i * 7919) % 49152 for i in range(num_tokens)]
+    best = float("inf")
+    for _ in range(repeats):
+        bm = BlockManager(BlockPool(8), block_size)
+        seq = Sequence("key-cost", tokens, SamplingParams(), max_len=num_tokens + 1)
+        t = time.perf_counter()
+        bm.match_prefix(seq)
+        best = min(best, time.perf_counter() - t)
+    return best / num_tokens * 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seqs", type=int, default=64)
@@ -63,6 +82,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"block keys: {key_cost_ns_per_token():.1f} ns per prompt token (hash + lookup, block size 16)")
     llm = LLM(max_model_len=2048, kv_cache_memory=2**30)
     eng = llm.engine
     timers = Timers()

@@ -149,3 +149,29 @@ def test_kv_utilization_counts_filled_slots(llm):
     eng.step()
     assert llm.stats()["kv_utilization"] == pytest.approx(24 / 32)
 
+
+
+def test_cache_salt_isolates_tenants(llm):
+    p = prompt(15, 70)
+    eng = llm.engine
+    hits = {}
+    for rid, salt in (("a1", "tenant-a"), ("b1", "tenant-b"), ("a2", "tenant-a"), ("n1", None), ("b2", "tenant-b")):
+        eng.add_request(p, GREEDY, request_id=rid, cache_salt=salt)
+        hits[rid] = run_all(eng)[rid].num_cached_tokens
+    # different salts (None included) never share; the same salt does
+    assert hits["a1"] == hits["b1"] == hits["n1"] == 0
+    assert hits["a2"] > 0 and hits["b2"] > 0
+    assert llm.generate([p], GREEDY, cache_salt="tenant-a")[0].num_cached_tokens > 0
+    assert llm.generate([p], GREEDY, cache_salt="tenant-c")[0].num_cached_tokens == 0
+
+
+def test_block_keys_are_sha256_chains_over_salt_and_tokens():
+    from chatpager.engine.block_keys import block_key, root_key
+
+    root = root_key("m", "salt")
+    assert len(root) == 32 and root != root_key("m", None) != root_key("other", "salt")
+    k1 = block_key(root, [1, 2, 3, 4])
+    assert k1 == block_key(root_key("m", "salt"), [1, 2, 3, 4])
+    assert k1 != block_key(root, [1, 2, 3, 5]) and k1 != block_key(root_key("m", None), [1, 2, 3, 4])
+    # the parent enters the key: the same tokens after a different chain give another key
+    assert block_key(k1, [1, 2, 3, 4]) != k1

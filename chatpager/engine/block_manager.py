@@ -1,15 +1,18 @@
 """Per-sequence block bookkeeping on top of the BlockPool: prefix matching, slot allocation
 with copy-on-write, hashing blocks as they fill, fork and free.
 
-Hash chain: a full block's hash = hash((parent block's hash, its token ids, extra key)),
-so equal hashes name equal token chains from the start of the sequence (up to 64-bit
-collisions). The extra key (the model's identity) keeps different weights apart.
+Hash chain: a full block's key = SHA-256(parent key, its token ids), the first block's parent
+being a root key over the extra keys (model identity, the request's cache salt), so equal keys
+name equal token chains under equal extra keys (see block_keys.py).
 Copy-on-write: the only block a step can write into that already holds tokens is the
 sequence's partly filled last block; if it is shared (refcount > 1, after a fork), it is
 replaced by a fresh copy first. Full blocks are never written again.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
+from chatpager.engine.block_keys import BlockKey, block_key, root_key
 from chatpager.engine.block_pool import Block, BlockPool
 from chatpager.engine.sequence import Sequence
 
@@ -19,10 +22,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, pool: BlockPool, block_size: int, extra_key: object = None) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, model_key: str | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
-        self.extra_key = extra_key
+        self.model_key = model_key
         self.cow_copies = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -32,8 +35,11 @@ class BlockManager:
         """Make seq.block_hashes cover its first `num_full_blocks` full blocks."""
         bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
         for i in range(len(hashes), num_full_blocks):
-            parent = hashes[i - 1] if i else None
-            hashes.append(hash((parent, tuple(tokens[i * bs:(i + 1) * bs]), self.extra_key)))
+            parent = hashes[i - 1] if i else self.root(seq)
+            hashes.append(block_key(parent, tokens[i * bs:(i + 1) * bs]))
+
+    def root(self, seq: Sequence) -> BlockKey:
+        return _root(self.model_key, seq.cache_salt)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """After a step: register every block that is now full as hittable."""
@@ -114,3 +120,8 @@ class BlockManager:
         self.pool.free(reversed(seq.blocks))  # tail first: evicted before the shared head
         seq.blocks = []
         seq.num_registered_blocks = 0
+
+
+@lru_cache(maxsize=1024)  # one entry per (model, tenant) in use
+def _root(model_key: str | None, cache_salt: str | None) -> BlockKey:
+    return root_key(model_key, cache_salt)

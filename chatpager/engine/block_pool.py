@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+from chatpager.engine.block_keys import BlockKey
+
 
 class Block:
     __slots__ = ("block_id", "ref_cnt", "block_hash", "prev", "next")
@@ -24,12 +26,13 @@ class Block:
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: int | None = None
+        self.block_hash: BlockKey | None = None
         self.prev: Block | None = None
         self.next: Block | None = None
 
     def __repr__(self) -> str:
-        return f"Block({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
+        key = self.block_hash.hex()[:8] if self.block_hash else None
+        return f"Block({self.block_id}, ref={self.ref_cnt}, key={key})"
 
 
 class FreeBlockQueue:
@@ -75,7 +78,7 @@ class BlockPool:
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
-        self.hash_to_block: dict[int, Block] = {}
+        self.hash_to_block: dict[BlockKey, Block] = {}
         self.enable_caching = enable_caching
         self.evictions = 0
 
@@ -113,10 +116,10 @@ class BlockPool:
                     self._drop_hash(block)
                 self.free_queue.append(block)
 
-    def cached_block(self, block_hash: int) -> Block | None:
+    def cached_block(self, block_hash: BlockKey) -> Block | None:
         return self.hash_to_block.get(block_hash) if self.enable_caching else None
 
-    def cache(self, block: Block, block_hash: int) -> None:
+    def cache(self, block: Block, block_hash: BlockKey) -> None:
         """Record that `block` is full and holds the chain named by `block_hash`."""
         if not self.enable_caching or block.block_hash is not None:
             return

@@ -146,19 +146,20 @@ class LLM:
         return list(ids)
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
-                 params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion, batched together; outputs in prompt order."""
+                 params: SamplingParams | None = None, cache_salt: str | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion, batched together; outputs in prompt order.
+        `cache_salt`: share cached blocks only with requests of the same salt (tenant isolation)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
-        ids = [self.engine.add_request(p, params) for p in prompts]
+        ids = [self.engine.add_request(p, params, cache_salt=cache_salt) for p in prompts]
         return self._run(ids)
 
     def chat(self, conversations: list[Message] | list[list[Message]],
-             params: SamplingParams | None = None) -> list[RequestOutput]:
+             params: SamplingParams | None = None, cache_salt: str | None = None) -> list[RequestOutput]:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self.generate([self.encode_chat(c) for c in conversations], params)
+        return self.generate([self.encode_chat(c) for c in conversations], params, cache_salt=cache_salt)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}

@@ -40,7 +40,7 @@ class LLMEngine:
         self.runner = runner
         kv: KVCache = runner.kv_cache
         self.pool = BlockPool(kv.data.shape[2], config.enable_prefix_caching)
-        self.block_manager = BlockManager(self.pool, config.block_size, extra_key=model_info.get("name"))
+        self.block_manager = BlockManager(self.pool, config.block_size, model_key=model_info.get("name"))
         self.scheduler = Scheduler(self.block_manager, kv, config.max_num_seqs, max_num_batched_tokens,
                                    config.preemption_mode)
         self.vocab_size = runner.model.config.vocab_size
@@ -58,11 +58,16 @@ class LLMEngine:
         return self.pool.num_blocks * self.config.block_size
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, cache_salt: str | None = None) -> str:
+        """Queue a request. Requests with different `cache_salt`s never share cached blocks
+        (tenant isolation); None is a salt of its own, shared by all unsalted requests."""
         params = params or SamplingParams()
         token_ids = self._tokenize(prompt)
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise RequestError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
         request_id = self._new_id(request_id)
-        seq = Sequence(request_id, token_ids, params, max_len=min(self.max_model_len, self.pool_tokens))
+        seq = Sequence(request_id, token_ids, params, max_len=min(self.max_model_len, self.pool_tokens),
+                       cache_salt=cache_salt)
         self.seqs[request_id] = seq
         if params.n > 1:
             self._pending_forks[request_id] = params.n - 1
@@ -125,7 +130,7 @@ class LLMEngine:
 
     def _fork_seq(self, parent: Sequence, child_id: str, params: SamplingParams) -> Sequence:
         child = Sequence(child_id, parent.token_ids[:parent.num_prompt_tokens], params,
-                         parent.max_len, parent_id=parent.request_id)
+                         parent.max_len, parent_id=parent.request_id, cache_salt=parent.cache_salt)
         child.token_ids = list(parent.token_ids)
         child.max_output_tokens = len(parent.output_token_ids) + params.max_tokens
         child.num_computed_tokens = parent.num_computed_tokens

@@ -19,9 +19,10 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 max_len: int, parent_id: str | None = None) -> None:
+                 max_len: int, parent_id: str | None = None, cache_salt: str | None = None) -> None:
         self.request_id = request_id
         self.parent_id = parent_id
+        self.cache_salt = cache_salt  # tenant isolation: only equal salts share cached blocks
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
@@ -31,7 +32,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.blocks: list[Block] = []
-        self.block_hashes: list[int] = []  # hash chain of the leading full blocks of token_ids
+        self.block_hashes: list[bytes] = []  # key chain of the leading full blocks of token_ids
         self.num_registered_blocks = 0  # leading blocks of the table already recorded in the pool
         self.finish_reason: str | None = None
         self.error: str | None = None
