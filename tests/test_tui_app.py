@@ -153,12 +153,12 @@ async def test_sessions_are_restored_after_a_restart(model, tmp_path):
         await pilot.press("f2")
         await until(pilot, lambda: isinstance(app.screen, RenameScreen))
         await pilot.press(*"Second", "enter")
-        before = [(s.title, s.prompt_name, len(s.messages)) for s in app.conversations.sessions.values()]
+        before = [(s.title, s.prompt_name, len(s.messages)) for s in app.sessions.values()]
     assert before == [("Chat 1", "assistant", 2), ("Second", "terse", 0)]
 
     again = make_app(model, tmp_path)
     async with running(again) as pilot:
-        after = [(s.title, s.prompt_name, len(s.messages)) for s in again.conversations.sessions.values()]
+        after = [(s.title, s.prompt_name, len(s.messages)) for s in again.sessions.values()]
         assert after == before
         await pilot.press("ctrl+up")
         assert again.current.title == "Chat 1"
@@ -193,7 +193,7 @@ async def test_create_switch_and_delete_sessions(model, tmp_path):
         await pilot.press("f8")
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
-        await until(pilot, lambda: len(app.conversations.sessions) == 1)
+        await until(pilot, lambda: len(app.sessions) == 1)
         assert app.current.title == "Chat 1" and len(sidebar.options) == 1
 
 
@@ -204,14 +204,14 @@ async def test_two_sessions_generate_at_the_same_time(model, tmp_path):
         await say(pilot, "first")
         await say(pilot, "/new tutor")
         await say(pilot, "second")
-        first, second = app.conversations.sessions.values()
+        first, second = app.sessions.values()
         await until(pilot, lambda: first.state == second.state == "generating")
         assert stats(app)["running"] == 2
         # both prompts start with the house style: the second one's prefill hit the cache
         assert second.cached_tokens > 1000
         assert "generating" in str(app.main.query_one(SessionList).options[0].prompt)
         for session in (first, second):
-            app.conversations.stop(session)
+            app.turns.stop(session)
         await until(pilot, lambda: not first.busy and not second.busy)
 
 
@@ -228,9 +228,9 @@ async def test_a_full_pool_preempts_and_the_session_shows_it(model, tmp_path):
                     + str(sidebar.options[1].prompt), timeout=120)
         assert stats(app)["preemptions"] > 0
         # each reply ends at the pool's size ("length"); neither request failed
-        await until(pilot, lambda: not any(s.busy for s in app.conversations.sessions.values()))
+        await until(pilot, lambda: not any(s.busy for s in app.sessions.values()))
         assert all(s.error is None and s.messages[-1].role == "assistant"
-                   for s in app.conversations.sessions.values())
+                   for s in app.sessions.values())
 
 
 async def test_fork_while_streaming_shares_blocks(model, tmp_path):
@@ -266,7 +266,7 @@ async def test_fork_of_an_idle_session_reuses_its_prefix(model, tmp_path):
         assert [m.role for m in fork.messages] == ["user", "assistant"]
         await say(pilot, "a follow-up")
         await until(pilot, lambda: not fork.busy)
-        source = next(iter(app.conversations.sessions.values()))
+        source = next(iter(app.sessions.values()))
         # every full block of the source's turn (prompt and reply) was a prefix hit
         assert fork.cached_tokens >= (source.tokens // 16 - 1) * 16
 
@@ -343,7 +343,7 @@ async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):
     app = make_app(model, tmp_path, app_class=GatedApp, swarm=2, swarm_params=tenant_params)
     async with running(app) as pilot:  # started as with --swarm 2
         await say(pilot, "/swarm 1")
-        tenants = [s for s in app.conversations.sessions.values() if app.swarm.is_tenant(s)]
+        tenants = [s for s in app.sessions.values() if app.swarm.is_tenant(s)]
         assert [t.title for t in tenants] == ["tenant 1", "tenant 2", "tenant 3"]
         assert len(app.main.query_one(SessionList).options) == 4
         assert {t.state for t in tenants} == {"queued"}

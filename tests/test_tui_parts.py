@@ -7,7 +7,7 @@ import pytest
 
 from chatpager.engine.outputs import CacheSnapshot
 from chatpager.tui import slash
-from chatpager.tui.conversations import UserError
+from chatpager.tui.sessions import UserError
 from chatpager.tui.main import parse_args
 from chatpager.tui.export import export
 from chatpager.tui.prompts import DEFAULT_PROMPT, load_prompts

@@ -18,7 +18,6 @@ from textual.screen import Screen
 from chatpager.engine.loop import EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
 from chatpager.tui import slash
 from chatpager.tui.config import AppConfig
-from chatpager.tui.conversations import Conversations, UserError
 from chatpager.tui.export import FORMATS, export
 from chatpager.tui.messages import EngineActivity, PromptSubmitted, SessionSelected
 from chatpager.tui.prompts import DEFAULT_PROMPT, load_prompts
@@ -29,8 +28,10 @@ from chatpager.tui.screens.pick_reply import PickReplyScreen
 from chatpager.tui.screens.prompt_picker import PromptPicker
 from chatpager.tui.screens.rename import RenameScreen
 from chatpager.tui.session import Session
+from chatpager.tui.sessions import Sessions, UserError
 from chatpager.tui.store import Store
 from chatpager.tui.swarm import Swarm, load_turns
+from chatpager.tui.turns import Turns
 from chatpager.tui.widgets.prompt_input import PromptInput
 
 DRAIN_INTERVAL = 0.1  # seconds: engine events are applied in batches at most this often
@@ -85,8 +86,9 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.prompts = load_prompts()
         self.store = Store(config.database)
         self.engine = EngineLoop(self._load_llm, wake=lambda: self.post_message(EngineActivity()))
-        self.conversations = Conversations(self.store, self.engine, self.prompts, config.params)
-        self.swarm = Swarm(self.conversations, load_turns(), config.swarm_params)
+        self.sessions = Sessions(self.store, self.prompts)
+        self.turns = Turns(self.sessions, self.engine, config.params)
+        self.swarm = Swarm(self.sessions, self.turns, load_turns(), config.swarm_params)
         self.current_id: str = ""
         self.model_status = "loading…"
         self._picking = False
@@ -103,8 +105,8 @@ class ChatpagerApp(App, inherit_bindings=False):
         return self.main
 
     async def on_ready(self) -> None:
-        sessions = self.conversations.sessions
-        self.current_id = next(reversed(sessions)) if sessions else self.conversations.create(DEFAULT_PROMPT).id
+        sessions = self.sessions
+        self.current_id = next(reversed(sessions)) if sessions else sessions.create(DEFAULT_PROMPT).id
         self.sub_title = self.model_status
         self.engine.start()
         if self.config.swarm:
@@ -116,7 +118,7 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     def on_unmount(self) -> None:
         self.engine.close(timeout=2.0)
-        self.conversations.close()
+        self.turns.close()
         self.store.close()
 
     def _load_llm(self, progress: ProgressFn):
@@ -126,7 +128,7 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     @property
     def current(self) -> Session:
-        return self.conversations.sessions[self.current_id]
+        return self.sessions[self.current_id]
 
     # -- engine events --------------------------------------------------------------------------
     async def on_engine_activity(self, _: EngineActivity) -> None:
@@ -157,9 +159,9 @@ class ChatpagerApp(App, inherit_bindings=False):
             elif isinstance(event, LoadFailed):
                 self._set_model_status("failed to load")
                 self.notify(event.message, title="Model load failed", severity="error", timeout=15)
-        changes = self.conversations.apply(events)
+        changes = self.turns.apply(events)
         for notice in changes.notices:
-            title = self.conversations.sessions[notice.session_id].title
+            title = self.sessions[notice.session_id].title
             self.notify(notice.message, title=title, severity=notice.severity, timeout=8)
         self.swarm.advance(changes.finished)
         if self.current_id in changes.sessions:
@@ -172,12 +174,12 @@ class ChatpagerApp(App, inherit_bindings=False):
     def _refresh_cache(self) -> None:
         snapshot = self.engine.snapshot
         if snapshot is not None:
-            self.conversations.observe(snapshot)
+            self.turns.observe(snapshot)
         self.main.show_cache(snapshot, self.current, self.model_status, self.engine.model_info)
         self._refresh_sidebar()
 
     def _refresh_sidebar(self) -> None:
-        self.main.show_sessions(list(self.conversations.sessions.values()), self.current_id)
+        self.main.show_sessions(list(self.sessions.values()), self.current_id)
 
     async def _show_current(self) -> None:
         await self._show_chat()
@@ -195,7 +197,7 @@ class ChatpagerApp(App, inherit_bindings=False):
         if message.text.startswith("/"):
             await self.run_slash(message.text)
         else:
-            await self._attempt(lambda: self.conversations.send(self.current, message.text))
+            await self._attempt(lambda: self.turns.send(self.current, message.text))
 
     async def on_session_selected(self, message: SessionSelected) -> None:
         await self._switch_to(message.session_id)
@@ -223,7 +225,7 @@ class ChatpagerApp(App, inherit_bindings=False):
             return
         if argument not in self.prompts:
             raise UserError(f"no prompt named {argument!r}; prompts: {', '.join(self.prompts)}")
-        await self._switch_to(self.conversations.create(argument).id)
+        await self._switch_to(self.sessions.create(argument).id)
 
     async def _slash_fork(self, _: str) -> None:
         await self.action_fork()
@@ -231,20 +233,20 @@ class ChatpagerApp(App, inherit_bindings=False):
     async def _slash_system(self, argument: str) -> None:
         if not argument:
             raise UserError(f"usage: /system <name|text>; prompts: {', '.join(self.prompts)}")
-        self.conversations.set_system(self.current, argument)
+        self.sessions.set_system(self.current, argument)
         self.notify(f"System prompt: {self.current.prompt_name} (used from the next turn)")
 
     async def _slash_regen(self, argument: str) -> None:
         n = _count(argument, default=1)
         if not 1 <= n <= MAX_ALTERNATIVES:
             raise UserError(f"/regen takes 1 to {MAX_ALTERNATIVES} alternatives")
-        self.conversations.regenerate(self.current, n)
+        self.turns.regenerate(self.current, n)
 
     async def _slash_stop(self, _: str) -> None:
         self.action_stop()
 
     async def _slash_clear(self, _: str) -> None:
-        self.conversations.clear(self.current)
+        self.sessions.clear(self.current)
 
     async def _slash_export(self, argument: str) -> None:
         words = argument.split(maxsplit=1)
@@ -268,12 +270,12 @@ class ChatpagerApp(App, inherit_bindings=False):
     def action_new_session(self) -> None:
         async def chosen(name: str | None) -> None:
             if name:
-                await self._switch_to(self.conversations.create(name).id)
+                await self._switch_to(self.sessions.create(name).id)
 
         self.push_screen(PromptPicker(self.prompts), chosen)
 
     async def action_fork(self) -> None:
-        fork = self.conversations.fork(self.current)
+        fork = self.turns.fork(self.current)
         await self._switch_to(fork.id)
         self.notify(f"Forked into {fork.title}: its next turn reuses the shared prefix blocks")
 
@@ -282,15 +284,15 @@ class ChatpagerApp(App, inherit_bindings=False):
         if self.swarm.is_tenant(session):
             self.swarm.stop(session)
         else:
-            self.conversations.stop(session)
+            self.turns.stop(session)
 
     async def action_regenerate(self) -> None:
         await self._attempt(
-            lambda: self.conversations.regenerate(self.current, REGENERATE_ALTERNATIVES)
+            lambda: self.turns.regenerate(self.current, REGENERATE_ALTERNATIVES)
         )
 
     async def action_switch(self, offset: int) -> None:
-        ids = list(self.conversations.sessions)
+        ids = list(self.sessions)
         index = (ids.index(self.current_id) + offset) % len(ids)
         await self._switch_to(ids[index])
 
@@ -299,7 +301,7 @@ class ChatpagerApp(App, inherit_bindings=False):
 
         def renamed(title: str | None) -> None:
             if title:
-                self.conversations.rename(session, title)
+                self.sessions.rename(session, title)
                 self.call_later(self._show_current)
 
         self.push_screen(RenameScreen(session.title), renamed)
@@ -310,13 +312,13 @@ class ChatpagerApp(App, inherit_bindings=False):
         async def confirmed(yes: bool | None) -> None:
             if not yes:
                 return
-            ids = list(self.conversations.sessions)
+            ids = list(self.sessions)
             index = ids.index(session.id)
             if self.swarm.is_tenant(session):
                 self.swarm.stop(session)
-            self.conversations.delete(session)
+            self.turns.delete(session)
             ids.remove(session.id)
-            target = ids[min(index, len(ids) - 1)] if ids else self.conversations.create(DEFAULT_PROMPT).id
+            target = ids[min(index, len(ids) - 1)] if ids else self.sessions.create(DEFAULT_PROMPT).id
             await self._switch_to(target)
 
         self.push_screen(ConfirmScreen(f"Delete {session.title!r} and its messages?"), confirmed)
@@ -335,8 +337,8 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     def _picked(self, session: Session, index: int | None) -> None:
         self._picking = False
-        if session.id in self.conversations.sessions and session.choices:
-            self.conversations.pick(session, index)
+        if session.id in self.sessions and session.choices:
+            self.turns.pick(session, index)
         self.call_later(self._show_current)
 
     # -- command palette ----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A chat session: what is stored (title, system prompt, messages) and what is live.
 
 The live part (request, streamed reply, state, token counts) describes the engine's work for
-this session and is never stored; `Conversations` is the only writer of both parts.
+this session and is never stored. `Sessions` writes the stored part, `Turns` the live part.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chatpager.tui.conversations import UserError
+from chatpager.tui.sessions import UserError
 
 
 @dataclass(frozen=True, slots=True)

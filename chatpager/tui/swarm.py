@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from chatpager.engine.sampling_params import SamplingParams
-from chatpager.tui.conversations import Conversations
 from chatpager.tui.session import Session
+from chatpager.tui.sessions import Sessions
+from chatpager.tui.turns import Turns
 
 TURNS_FILE = Path(__file__).with_name("swarm_turns.txt")
 
@@ -25,13 +26,15 @@ def load_turns(path: Path = TURNS_FILE) -> list[str]:
 class Swarm:
     def __init__(
         self,
-        conversations: Conversations,
-        turns: list[str],
+        sessions: Sessions,
+        turns: Turns,
+        lines: list[str],
         params: SamplingParams,
         turns_per_tenant: int = 4,
     ) -> None:
-        self.conversations = conversations
+        self.sessions = sessions
         self.turns = turns
+        self.lines = lines  # the user turns scripts are drawn from
         self.params = params
         self.turns_per_tenant = turns_per_tenant
         self._tenants: set[str] = set()  # session ids
@@ -39,15 +42,15 @@ class Swarm:
         self._serial = itertools.count(1)
 
     def spawn(self, count: int) -> list[Session]:
-        prompt_names = list(self.conversations.prompts)
+        prompt_names = list(self.sessions.prompts)
         tenants = []
         for _ in range(count):
             k = next(self._serial)
             prompt = prompt_names[(k - 1) % len(prompt_names)]
-            session = self.conversations.create(prompt, title=f"tenant {k}", stored=False)
-            start = (k * 7) % len(self.turns)
+            session = self.sessions.create(prompt, title=f"tenant {k}", stored=False)
+            start = (k * 7) % len(self.lines)
             script = deque(
-                self.turns[(start + i) % len(self.turns)] for i in range(self.turns_per_tenant)
+                self.lines[(start + i) % len(self.lines)] for i in range(self.turns_per_tenant)
             )
             self._tenants.add(session.id)
             self._scripts[session.id] = script
@@ -66,7 +69,7 @@ class Swarm:
     def advance(self, finished: Iterable[tuple[str, str]]) -> None:
         """Send each tenant whose reply ended normally its next turn."""
         for session_id, reason in finished:
-            session = self.conversations.sessions.get(session_id)
+            session = self.sessions.get(session_id)
             ended_normally = reason in ("stop", "length")
             if session_id not in self._scripts or session is None or not ended_normally:
                 self._scripts.pop(session_id, None)
@@ -76,18 +79,18 @@ class Swarm:
     def stop(self, session: Session) -> None:
         """End a tenant's script and its reply."""
         self._scripts.pop(session.id, None)
-        self.conversations.stop(session)
+        self.turns.stop(session)
 
     def stop_all(self) -> None:
         for session_id in list(self._scripts):
-            session = self.conversations.sessions.get(session_id)
+            session = self.sessions.get(session_id)
             self._scripts.pop(session_id)
             if session is not None:
-                self.conversations.stop(session)
+                self.turns.stop(session)
 
     def _next_turn(self, session: Session) -> None:
         script = self._scripts[session.id]
         if not script:
             del self._scripts[session.id]
             return
-        self.conversations.send(session, script.popleft(), self.params)
+        self.turns.send(session, script.popleft(), self.params)

@@ -1,18 +1,17 @@
-"""Conversations: the one owner of every session, between the UI, the store and the engine.
+"""Turns: sessions' requests to the engine, from the user's send to the reply stored.
 
-It turns what the user asks for (send, stop, fork, regenerate...) into store writes and
-engine commands, and engine events into session state. Invariants:
+`Turns` turns what the user asks for (send, regenerate, fork, stop, pick) into EngineLoop
+commands, and engine events into session state; messages are written through `Sessions`.
+Invariants:
 - A session has at most one live turn (`Session.request_id`); a turn's request ids (its
   parallel samples included) map back to the session through `_turns`.
-- Stored sessions are written on every message: the user's message when sent, the reply
-  when its turn ends (so a crash loses at most the reply being generated).
-- A turn always ends: with the engine's finished output, a rejection, or an engine failure.
+- A turn always ends: with the engine's finished output, a rejection, or an engine failure;
+  its reply is then appended (or, for a regeneration, offered to pick from).
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,13 +19,7 @@ from chatpager.engine.loop import EngineFailed, EngineLoop, Rejected
 from chatpager.engine.outputs import CacheSnapshot, RequestOutput
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.tui.session import GENERATING, IDLE, PREEMPTED, QUEUED, Message, Session
-from chatpager.tui.store import Store
-
-CUSTOM_PROMPT = "custom"
-
-
-class UserError(Exception):
-    """Something the user asked for that cannot be done now; the message says why."""
+from chatpager.tui.sessions import Sessions, UserError, require_idle
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,47 +47,34 @@ class _Turn:
     done: set[str] = field(default_factory=set)
 
 
-class Conversations:
-    def __init__(
-        self,
-        store: Store,
-        engine: EngineLoop,
-        prompts: dict[str, str],
-        params: SamplingParams,
-    ) -> None:
-        self.store = store
+class Turns:
+    def __init__(self, sessions: Sessions, engine: EngineLoop, params: SamplingParams) -> None:
+        self.sessions = sessions
         self.engine = engine
-        self.prompts = prompts
         self.params = params
-        self.sessions: dict[str, Session] = {s.id: s for s in store.load()}
         self._turns: dict[str, _Turn] = {}  # by every request id of the turn
         self._serial = itertools.count(1)
 
-    # -- sessions ----------------------------------------------------------------------------
-    def create(self, prompt_name: str, title: str | None = None, stored: bool = True) -> Session:
-        system = self.prompts[prompt_name]
-        session = Session(
-            id=uuid.uuid4().hex[:12],
-            title=title or f"Chat {len(self.sessions) + 1}",
-            prompt_name=prompt_name,
-            system=system,
-            stored=stored,
-        )
-        self._add(session)
-        return session
+    # -- what the user asks for ----------------------------------------------------------------
+    def send(self, session: Session, text: str, params: SamplingParams | None = None) -> None:
+        require_idle(session)
+        self.sessions.append(session, Message("user", text))
+        self._submit(session, params or self.params)
+
+    def regenerate(self, session: Session, n: int = 1) -> None:
+        """Generate the last reply again; with n > 1, n alternatives to pick from."""
+        require_idle(session)
+        if not session.messages:
+            raise UserError("there is nothing to regenerate yet")
+        if session.messages[-1].role == "assistant":
+            session.replaced = session.messages.pop().content
+            session.revision += 1
+        self._submit(session, dataclasses.replace(self.params, n=n), regenerate=True)
 
     def fork(self, source: Session) -> Session:
         """A new session with the same history; a reply being generated is forked too, and
         both continue from the same blocks."""
-        session = Session(
-            id=uuid.uuid4().hex[:12],
-            title=f"{source.title} (fork)",
-            prompt_name=source.prompt_name,
-            system=source.system,
-            messages=[dataclasses.replace(m) for m in source.messages],
-            stored=True,
-        )
-        self._add(session)
+        session = self.sessions.copy(source)
         if source.request_id is not None and not self._turns[source.request_id].regenerate:
             request_id = self._new_request_id(session)
             self._begin(session, _Turn(session.id, (request_id,), fork_of=source.id))
@@ -102,62 +82,6 @@ class Conversations:
             session.state = source.state
             self.engine.fork(source.request_id, request_id)
         return session
-
-    def rename(self, session: Session, title: str) -> None:
-        session.title = title
-        session.revision += 1
-        self._save(session)
-
-    def delete(self, session: Session) -> None:
-        if session.request_id is not None:
-            self.stop(session)
-            for request_id in self._turns.pop(session.request_id).request_ids:
-                self._turns.pop(request_id, None)
-        del self.sessions[session.id]
-        if session.stored:
-            self.store.delete_session(session.id)
-
-    def close(self) -> None:
-        """On quitting: keep what the replies still running have generated, as if stopped."""
-        for session in self.sessions.values():
-            if session.request_id is not None and session.stored and session.reply:
-                turn = self._turns[session.request_id]
-                self._end(session, turn, "abort", Changes())
-
-    def set_system(self, session: Session, name_or_text: str) -> None:
-        """Use a shipped prompt by name, or else the text itself, from the next turn on."""
-        if name_or_text in self.prompts:
-            session.prompt_name, session.system = name_or_text, self.prompts[name_or_text]
-        else:
-            session.prompt_name, session.system = CUSTOM_PROMPT, name_or_text
-        session.revision += 1
-        self._save(session)
-
-    def clear(self, session: Session) -> None:
-        self._require_idle(session)
-        session.messages.clear()
-        session.error = None
-        session.tokens = None
-        self._rewrite(session)
-
-    # -- turns -------------------------------------------------------------------------------
-    def send(self, session: Session, text: str, params: SamplingParams | None = None) -> None:
-        self._require_idle(session)
-        message = Message("user", text)
-        session.messages.append(message)
-        if session.stored:
-            self.store.add_message(session.id, message)
-        self._submit(session, params or self.params)
-
-    def regenerate(self, session: Session, n: int = 1) -> None:
-        """Generate the last reply again; with n > 1, n alternatives to pick from."""
-        self._require_idle(session)
-        if not session.messages:
-            raise UserError("there is nothing to regenerate yet")
-        if session.messages[-1].role == "assistant":
-            session.replaced = session.messages.pop().content
-            session.revision += 1
-        self._submit(session, dataclasses.replace(self.params, n=n), regenerate=True)
 
     def stop(self, session: Session) -> None:
         """Abort the reply; what was generated is kept, its blocks are freed at once."""
@@ -174,9 +98,24 @@ class Conversations:
         if reply:
             session.messages.append(Message("assistant", reply))
         session.revision += 1
-        self._rewrite(session)
+        self.sessions.rewrite(session)
 
-    # -- engine events -----------------------------------------------------------------------
+    def delete(self, session: Session) -> None:
+        """Stop the session's turn, forget it, and delete the session."""
+        if session.request_id is not None:
+            self.stop(session)
+            for request_id in self._turns.pop(session.request_id).request_ids:
+                self._turns.pop(request_id, None)
+        self.sessions.delete(session)
+
+    def close(self) -> None:
+        """On quitting: keep what the replies still running have generated, as if stopped."""
+        for session in self.sessions.values():
+            if session.request_id is not None and session.stored and session.reply:
+                turn = self._turns[session.request_id]
+                self._end(session, turn, "abort", Changes())
+
+    # -- engine events -------------------------------------------------------------------------
     def apply(self, events: Iterable[object]) -> Changes:
         changes = Changes()
         for event in events:
@@ -206,25 +145,7 @@ class Conversations:
             else:
                 session.state = QUEUED
 
-    # -- internals ---------------------------------------------------------------------------
-    def _add(self, session: Session) -> None:
-        self.sessions[session.id] = session
-        if session.stored:
-            self.store.save_session(session)
-            self.store.replace_messages(session)
-
-    def _save(self, session: Session) -> None:
-        if session.stored:
-            self.store.save_session(session)
-
-    def _rewrite(self, session: Session) -> None:
-        if session.stored:
-            self.store.replace_messages(session)
-
-    def _require_idle(self, session: Session) -> None:
-        if session.busy:
-            raise UserError("a reply is still being generated: stop it first")
-
+    # -- internals -----------------------------------------------------------------------------
     def _new_request_id(self, session: Session) -> str:
         return f"{session.id}-{next(self._serial)}"
 
@@ -243,11 +164,16 @@ class Conversations:
         for request_id in turn.request_ids:
             self._turns[request_id] = turn
 
-    def _on_output(self, output: RequestOutput, changes: Changes) -> None:
-        turn = self._turns.get(output.request_id)
+    def _session_of(self, request_id: str) -> tuple[_Turn, Session] | None:
+        turn = self._turns.get(request_id)
         session = self.sessions.get(turn.session_id) if turn else None
-        if session is None:
+        return None if session is None else (turn, session)
+
+    def _on_output(self, output: RequestOutput, changes: Changes) -> None:
+        found = self._session_of(output.request_id)
+        if found is None:
             return
+        turn, session = found
         changes.sessions.add(session.id)
         session.samples[output.request_id] = output.text
         if output.request_id == session.request_id:
@@ -265,10 +191,10 @@ class Conversations:
                 self._end(session, turn, output.finish_reason or "stop", changes)
 
     def _fail(self, request_id: str, message: str, changes: Changes) -> None:
-        turn = self._turns.get(request_id)
-        session = self.sessions.get(turn.session_id) if turn else None
-        if session is None:
+        found = self._session_of(request_id)
+        if found is None:
             return
+        turn, session = found
         changes.sessions.add(session.id)
         source = self.sessions.get(turn.fork_of or "")
         if source is not None and not source.busy and source.messages:
@@ -296,7 +222,4 @@ class Conversations:
             session.choices = [texts[0]] if texts[0] else []
             self.pick(session, 0 if texts[0] else None)
         elif texts[0]:
-            message = Message("assistant", texts[0])
-            session.messages.append(message)
-            if session.stored:
-                self.store.add_message(session.id, message)
+            self.sessions.append(session, Message("assistant", texts[0]))

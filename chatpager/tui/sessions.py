@@ -1,0 +1,124 @@
+"""Sessions: every chat session the app has, and the one writer of their stored part.
+
+A `Sessions` is a mapping from session id to `Session`, in creation order. It owns the
+sessions' titles, system prompts and messages, in memory and in the `Store`; turn control
+(`turns.Turns`) asks it to append or rewrite messages rather than writing them itself.
+Invariants:
+- A stored session is in the Store from its creation on; its messages are written on every
+  change (appended one by one, or rewritten in one transaction when edited).
+- A session that is not stored (a swarm tenant) never touches the Store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator, Mapping
+
+from chatpager.tui.session import Message, Session
+from chatpager.tui.store import Store
+
+CUSTOM_PROMPT = "custom"
+
+
+class UserError(Exception):
+    """Something the user asked for that cannot be done now; the message says why."""
+
+
+class Sessions(Mapping[str, Session]):
+    def __init__(self, store: Store, prompts: dict[str, str]) -> None:
+        self.store = store
+        self.prompts = prompts
+        self._by_id: dict[str, Session] = {s.id: s for s in store.load()}
+
+    # -- the mapping ---------------------------------------------------------------------------
+    def __getitem__(self, session_id: str) -> Session:
+        return self._by_id[session_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __reversed__(self) -> Iterator[str]:
+        return reversed(self._by_id)
+
+    # -- changes -------------------------------------------------------------------------------
+    def create(self, prompt_name: str, title: str | None = None, stored: bool = True) -> Session:
+        session = Session(
+            id=_new_id(),
+            title=title or f"Chat {len(self) + 1}",
+            prompt_name=prompt_name,
+            system=self.prompts[prompt_name],
+            stored=stored,
+        )
+        self._add(session)
+        return session
+
+    def copy(self, source: Session) -> Session:
+        """A new stored session with the same system prompt and messages."""
+        session = Session(
+            id=_new_id(),
+            title=f"{source.title} (fork)",
+            prompt_name=source.prompt_name,
+            system=source.system,
+            messages=[dataclasses.replace(m) for m in source.messages],
+        )
+        self._add(session)
+        return session
+
+    def rename(self, session: Session, title: str) -> None:
+        session.title = title
+        session.revision += 1
+        self._save(session)
+
+    def set_system(self, session: Session, name_or_text: str) -> None:
+        """Use a shipped prompt by name, or else the text itself, from the next turn on."""
+        if name_or_text in self.prompts:
+            session.prompt_name, session.system = name_or_text, self.prompts[name_or_text]
+        else:
+            session.prompt_name, session.system = CUSTOM_PROMPT, name_or_text
+        session.revision += 1
+        self._save(session)
+
+    def clear(self, session: Session) -> None:
+        require_idle(session)
+        session.messages.clear()
+        session.error = None
+        session.tokens = None
+        self.rewrite(session)
+
+    def delete(self, session: Session) -> None:
+        """Forget the session and its stored messages (its turn must be ended first)."""
+        del self._by_id[session.id]
+        if session.stored:
+            self.store.delete_session(session.id)
+
+    def append(self, session: Session, message: Message) -> None:
+        session.messages.append(message)
+        if session.stored:
+            self.store.add_message(session.id, message)
+
+    def rewrite(self, session: Session) -> None:
+        """Store the session's messages as they are now (after an edit other than appending)."""
+        if session.stored:
+            self.store.replace_messages(session)
+
+    def _add(self, session: Session) -> None:
+        self._by_id[session.id] = session
+        if session.stored:
+            self.store.save_session(session)
+            self.store.replace_messages(session)
+
+    def _save(self, session: Session) -> None:
+        if session.stored:
+            self.store.save_session(session)
+
+
+def require_idle(session: Session) -> None:
+    if session.busy:
+        raise UserError("a reply is still being generated: stop it first")
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
