@@ -1,4 +1,5 @@
-"""The `chatpager` command: the chat TUI by default, `chatpager bench ...` for the benchmark.
+"""The `chatpager` command: the chat TUI by default, `chatpager bench ...` for the benchmark,
+`chatpager serve ...` for the OpenAI-compatible server.
 
 Errors a user can act on (ChatpagerError, bad arguments) print one line, not a traceback.
 """
@@ -16,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
             from chatpager.bench.cli import main as bench_main
 
             return bench_main(argv[1:])
+        if argv[:1] == ["serve"]:
+            _check_model_arg(argv[1:])
+            from chatpager.serve.cli import main as serve_main
+
+            return serve_main(argv[1:])
         _check_model_arg(argv)  # fail before the UI starts, not inside it
         from chatpager.tui.main import main as tui_main
 
