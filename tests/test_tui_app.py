@@ -277,7 +277,6 @@ async def test_regenerate_offers_alternatives_to_pick_from(model, tmp_path):
     async with running(app) as pilot:
         await say(pilot, "say something")
         await until(pilot, lambda: not app.current.busy)
-        old = app.current.messages[-1].content
         cow_before = stats(app)["cow_copies"]
         await say(pilot, "/regen 3")
         await until(pilot, lambda: isinstance(app.screen, PickReplyScreen))
@@ -287,16 +286,16 @@ async def test_regenerate_offers_alternatives_to_pick_from(model, tmp_path):
         assert stats(app)["cow_copies"] > cow_before
         await pilot.press("down", "enter")
         await until(pilot, lambda: not isinstance(app.screen, PickReplyScreen))
-        assert app.current.messages[-1].content == alternatives[1]
-        assert len(app.current.messages) == 2
+        # the picked alternative replaced the old reply
+        assert [m.content for m in app.current.messages] == ["say something", alternatives[1]]
         await pilot.press("ctrl+r")  # three more; Escape keeps the current reply
         await until(pilot, lambda: isinstance(app.screen, PickReplyScreen))
+        assert len(app.screen.alternatives) == 3
         await pilot.press("escape")
         await until(pilot, lambda: not isinstance(app.screen, PickReplyScreen))
-        assert app.current.messages[-1].content == alternatives[1]
-        assert old in alternatives or old != alternatives[1]
+        assert [m.content for m in app.current.messages] == ["say something", alternatives[1]]
     stored = Store(tmp_path / "chatpager.sqlite3").load()[0]
-    assert stored.messages[-1].content == alternatives[1]
+    assert [m.content for m in stored.messages] == ["say something", alternatives[1]]
 
 
 async def test_export_writes_markdown_and_json(model, tmp_path):
@@ -400,3 +399,73 @@ def test_every_binding_has_an_id():
     for owner in (ChatpagerApp, PromptInput, HelpScreen, PromptPicker, PickReplyScreen,
                   RenameScreen, ConfirmScreen):
         assert all(binding.id for binding in owner.BINDINGS), owner
+
+
+STRICT_TEMPLATE = (  # as Llama 2 / Mistral templates do: roles must alternate
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' and (message['role'] == 'user') != (loop.index0 % 2 == 1) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+async def test_a_user_turn_left_without_a_reply_does_not_break_the_next(tmp_path):
+    import shutil
+
+    from chatpager.engine.tiny_model import make_tiny_model
+    from chatpager.tui.session import Message, Session
+
+    model = make_tiny_model(tmp_path / "strict", max_position_embeddings=8192)
+    config_file = model / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = STRICT_TEMPLATE
+    config_file.write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    shutil.rmtree(model / "chat_template", ignore_errors=True)
+    store = Store(tmp_path / "chatpager.sqlite3")  # chatpager died before its reply began
+    session = Session("s1", "Chat 1", "terse", "Be brief.",
+                      [Message("user", "hi"), Message("assistant", "hello"), Message("user", "lost")])
+    store.save_session(session)
+    store.replace_messages(session)
+    store.close()
+    app = make_app(str(model), tmp_path)
+    async with running(app) as pilot:
+        await say(pilot, "are you there?")
+        await until(pilot, lambda: not app.current.busy)
+        assert app.current.error is None
+        assert [m.role for m in app.current.messages] == ["user", "assistant", "user", "user",
+                                                          "assistant"]
+
+
+async def test_a_reply_is_checkpointed_while_it_streams(model, tmp_path):
+    import sqlite3
+
+    database = tmp_path / "chatpager.sqlite3"
+    (tmp_path / "killed").mkdir()
+    app = make_app(model, tmp_path, params=ENDLESS)
+    async with running(app) as pilot:
+        await say(pilot, "a long answer, please")
+        await until(pilot, lambda: sqlite3.connect(database).execute(
+            "SELECT count(*) FROM messages WHERE status = 'streaming'").fetchone()[0] == 1)
+        # the file as kill -9 would leave it now, taken as SQLite's backup (a consistent copy)
+        with sqlite3.connect(tmp_path / "killed" / "chatpager.sqlite3") as killed:
+            sqlite3.connect(database).backup(killed)
+        streamed = app.current.reply
+    restarted = make_app(model, tmp_path / "killed")
+    async with running(restarted) as pilot:
+        reply = restarted.current.messages[-1]
+        assert reply.role == "assistant" and reply.interrupted
+        assert reply.content and streamed.startswith(reply.content)
+        shown = restarted.main.query_one(ChatView).query(ChatMessage).last()
+        assert "interrupted" in str(shown.border_subtitle)
+
+
+async def test_an_error_is_shown_as_plain_text(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        app.current.error = "bad [/] input [bold]not bold[/bold]"  # markup would raise or style
+        await app._show_current()
+        await pilot.pause()
+        label = app.main.query_one("#chat-error")
+        assert plain(label.render()).strip() == "⚠ bad [/] input [bold]not bold[/bold]"

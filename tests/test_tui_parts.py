@@ -117,3 +117,104 @@ def test_command_line_options_become_the_app_config(tmp_path):
                           "--max-model-len", "512"]).engine.llm_kwargs()
     assert options["kv_cache_memory"] == 64 * 2**20 and options["enable_prefix_caching"] is False
     assert (options["preemption_mode"], options["max_model_len"]) == ("swap", 512)
+
+
+def test_a_streaming_reply_is_checkpointed_and_marked_interrupted_after_a_crash(tmp_path):
+    path = tmp_path / "chat.sqlite3"
+    store = Store(path)
+    session = Session("a", "Chat", "terse", "Be brief.", [Message("user", "hi")])
+    store.save_session(session)
+    store.replace_messages(session)
+    store.checkpoint({"a": "Hel"})
+    store.checkpoint({"a": "Hello, wor"})  # the same row, updated
+    # the process dies here: another one opens the file
+    crashed = Store(path).load()[0]
+    assert [(m.role, m.content, m.interrupted) for m in crashed.messages] == [
+        ("user", "hi", False), ("assistant", "Hello, wor", True)]
+    # a reply that ends is completed in the row it was checkpointed in
+    store.add_message("a", Message("assistant", "Hello, world"))
+    store.checkpoint({"a": "dropped"})
+    store.discard_checkpoint("a")
+    ended = Store(path).load()[0]
+    assert [(m.content, m.interrupted) for m in ended.messages] == [("hi", False), ("Hello, world", False)]
+
+
+def _old_database(path) -> None:
+    """What chatpager 0.1 wrote: no schema version, no settings, no message status."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE sessions (id TEXT PRIMARY KEY, title TEXT NOT NULL, prompt_name TEXT NOT NULL,
+                               system TEXT NOT NULL);
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL
+                               REFERENCES sessions(id) ON DELETE CASCADE, role TEXT NOT NULL,
+                               content TEXT NOT NULL);
+        INSERT INTO sessions VALUES ('a', 'Old chat', 'terse', 'Be brief.');
+        INSERT INTO messages (session_id, role, content) VALUES ('a', 'user', 'hi');
+        INSERT INTO messages (session_id, role, content) VALUES ('gone', 'user', 'an orphan');
+        INSERT INTO messages (session_id, role, content) VALUES ('a', 'assistant', 'hello');
+    """)
+    db.commit()
+    db.close()
+
+
+def test_an_older_database_is_migrated_and_orphans_are_skipped(tmp_path):
+    import sqlite3
+
+    from chatpager.tui.store import SCHEMA_VERSION
+
+    path = tmp_path / "old.sqlite3"
+    _old_database(path)
+    store = Store(path)
+    [session] = store.load()
+    assert (session.title, [m.content for m in session.messages]) == ("Old chat", ["hi", "hello"])
+    session.settings = {"temperature": 0.2}
+    store.save_session(session)
+    store.close()
+    assert Store(path).load()[0].settings == {"temperature": 0.2}
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_newer_or_foreign_database_is_refused_with_a_clear_message(tmp_path):
+    import sqlite3
+
+    from chatpager.tui.store import StoreError
+
+    newer = tmp_path / "newer.sqlite3"
+    Store(newer).close()
+    db = sqlite3.connect(newer)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(StoreError, match="newer chatpager .*schema version 99"):
+        Store(newer)
+    foreign = tmp_path / "notes.sqlite3"
+    foreign.write_text("not a database, just notes\n" * 100)
+    with pytest.raises(StoreError, match="not a chatpager database"):
+        Store(foreign)
+
+
+def test_the_command_line_reports_a_database_it_cannot_use(tmp_path, capsys):
+    import sqlite3
+
+    from chatpager.cli import main
+
+    Store(tmp_path / "chatpager.sqlite3").close()
+    db = sqlite3.connect(tmp_path / "chatpager.sqlite3")
+    db.execute("PRAGMA user_version = 7")
+    db.close()
+    assert main(["--data-dir", str(tmp_path)]) == 2
+    assert "written by a newer chatpager" in capsys.readouterr().err
+
+
+def test_a_user_turn_left_without_a_reply_is_merged_with_the_next():
+    session = Session("a", "Chat", "terse", "Be brief.", [
+        Message("user", "first"), Message("assistant", "ok"),
+        Message("user", "lost in a crash"), Message("user", "again"),
+    ])
+    assert session.chat() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "lost in a crash\n\nagain"},
+    ]

@@ -14,6 +14,7 @@ IDLE, QUEUED, GENERATING, PREEMPTED = "idle", "queued", "generating", "preempted
 class Message:
     role: str  # "user" | "assistant"
     content: str
+    interrupted: bool = False  # a reply cut short when chatpager was killed
 
 
 @dataclass(slots=True)
@@ -24,6 +25,7 @@ class Session:
     system: str
     messages: list[Message] = field(default_factory=list)
     stored: bool = True  # swarm tenants are simulated load, not the user's data
+    settings: dict[str, float] = field(default_factory=dict)  # sampling overrides (/set)
     # live state
     request_id: str | None = None  # the reply being generated
     reply: str = ""  # its text so far
@@ -41,6 +43,15 @@ class Session:
         return self.request_id is not None
 
     def chat(self) -> list[dict[str, str]]:
-        """The conversation as chat-template messages, system prompt first."""
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + [{"role": m.role, "content": m.content} for m in self.messages]
+        """The conversation as chat-template messages, system prompt first.
+
+        Turns alternate: a user message left without a reply (a crash, a rejected or failed
+        turn) is merged with the next one, as many chat templates reject two in a row."""
+        turns = [{"role": "system", "content": self.system}] if self.system else []
+        for message in self.messages:
+            if turns and turns[-1]["role"] == message.role:
+                turns[-1] = {"role": message.role,
+                             "content": f"{turns[-1]['content']}\n\n{message.content}"}
+            else:
+                turns.append({"role": message.role, "content": message.content})
+        return turns

@@ -99,6 +99,17 @@ class Sessions(Mapping[str, Session]):
         if session.stored:
             self.store.add_message(session.id, message)
 
+    def checkpoint(self, sessions: list[Session]) -> None:
+        """Store the replies these sessions are generating, as they are now."""
+        replies = {s.id: s.reply for s in sessions if s.stored and s.reply}
+        if replies:
+            self.store.checkpoint(replies)
+
+    def end_checkpoint(self, session: Session) -> None:
+        """The session's turn has ended: a checkpoint not completed by `append` is dropped."""
+        if session.stored:
+            self.store.discard_checkpoint(session.id)
+
     def rewrite(self, session: Session) -> None:
         """Store the session's messages as they are now (after an edit other than appending)."""
         if session.stored:

@@ -7,11 +7,15 @@ Invariants:
   parallel samples included) map back to the session through `_turns`.
 - A turn always ends: with the engine's finished output, a rejection, or an engine failure;
   its reply is then appended (or, for a regeneration, offered to pick from).
+- A plain turn's reply (not a regeneration's, whose old reply stays stored until settled) is
+  checkpointed at most every `checkpoint_interval` seconds while it streams, so a killed
+  process loses at most that much of it.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -48,12 +52,20 @@ class _Turn:
 
 
 class Turns:
-    def __init__(self, sessions: Sessions, engine: EngineLoop, params: SamplingParams) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        engine: EngineLoop,
+        params: SamplingParams,
+        checkpoint_interval: float = 1.0,
+    ) -> None:
         self.sessions = sessions
         self.engine = engine
         self.params = params
+        self.checkpoint_interval = checkpoint_interval
         self._turns: dict[str, _Turn] = {}  # by every request id of the turn
         self._serial = itertools.count(1)
+        self._last_checkpoint = time.monotonic()
 
     # -- what the user asks for ----------------------------------------------------------------
     def send(self, session: Session, text: str, params: SamplingParams | None = None) -> None:
@@ -126,6 +138,8 @@ class Turns:
             elif isinstance(event, EngineFailed):
                 for request_id in event.request_ids:
                     self._fail(request_id, event.message, changes)
+        if time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
+            self._checkpoint()
         return changes
 
     def observe(self, snapshot: CacheSnapshot) -> None:
@@ -146,6 +160,12 @@ class Turns:
                 session.state = QUEUED
 
     # -- internals -----------------------------------------------------------------------------
+    def _checkpoint(self) -> None:
+        self._last_checkpoint = time.monotonic()
+        streaming = {turn.session_id for turn in self._turns.values()
+                     if not turn.regenerate and len(turn.request_ids) == 1}
+        self.sessions.checkpoint([self.sessions[i] for i in streaming if i in self.sessions])
+
     def _new_request_id(self, session: Session) -> str:
         return f"{session.id}-{next(self._serial)}"
 
@@ -197,10 +217,16 @@ class Turns:
         turn, session = found
         changes.sessions.add(session.id)
         source = self.sessions.get(turn.fork_of or "")
-        if source is not None and not source.busy and source.messages:
-            # The reply ended before the branch was made: branch its final text instead.
-            session.samples[request_id] = source.messages[-1].content
-        else:
+        if source is not None and not source.busy:
+            # The source's turn ended before the branch was made: branch the reply it added.
+            # Without one (it ended empty or failed), its last message is the user's: no reply.
+            added = source.messages[len(session.messages):]
+            if [m.role for m in added] == ["assistant"]:
+                session.samples[request_id] = added[0].content
+                message = ""
+            else:
+                message = "the reply being forked had ended with no text"
+        if message:
             session.error = message
             changes.notices.append(Notice(session.id, message))
         self._end(session, turn, "error", changes)
@@ -223,3 +249,4 @@ class Turns:
             self.pick(session, 0 if texts[0] else None)
         elif texts[0]:
             self.sessions.append(session, Message("assistant", texts[0]))
+        self.sessions.end_checkpoint(session)

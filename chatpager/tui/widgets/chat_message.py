@@ -15,6 +15,8 @@ def printable(text: str) -> str:
 
 
 class ChatMessage(Markdown):
-    def __init__(self, role: str, text: str = "") -> None:
+    def __init__(self, role: str, text: str = "", interrupted: bool = False) -> None:
         super().__init__(printable(text), classes=f"-{role}")
         self.border_title = "you" if role == "user" else role
+        if interrupted:
+            self.border_subtitle = "interrupted: chatpager stopped while it was generated"

@@ -40,7 +40,8 @@ class ChatView(VerticalScroll):
                 await self._write(message.content)
                 await self._end_reply()
             else:
-                await self.mount(ChatMessage(message.role, message.content), before="#chat-error")
+                await self.mount(ChatMessage(message.role, message.content, message.interrupted),
+                                 before="#chat-error")
             self._count += 1
         if session.busy:
             if self._reply is None:
@@ -71,7 +72,8 @@ class ChatView(VerticalScroll):
         self._count = 0
         self._error = ""
         header = f"{session.title} — system prompt: {session.prompt_name}"
-        await self.mount(Static(header, id="chat-header", markup=False), Static(id="chat-error"))
+        await self.mount(Static(header, id="chat-header", markup=False),
+                         Static(id="chat-error", markup=False))  # errors quote any text
 
     async def _write(self, text: str) -> None:
         assert self._reply is not None

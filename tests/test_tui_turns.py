@@ -1,0 +1,66 @@
+"""Turn control without a screen: engine events (the EngineLoop's own records) drive a Turns
+whose EngineLoop is never started, so the order of events is the test's to choose."""
+from __future__ import annotations
+
+from chatpager import SamplingParams
+from chatpager.engine.loop import EngineLoop, Rejected
+from chatpager.engine.outputs import RequestOutput
+from chatpager.tui.prompts import load_prompts
+from chatpager.tui.sessions import Sessions
+from chatpager.tui.store import Store
+from chatpager.tui.turns import Turns
+
+
+def output(request_id: str, text: str, finished: bool, reason: str | None = None) -> RequestOutput:
+    return RequestOutput(request_id, prompt_token_ids=(1, 2), token_ids=tuple(range(len(text))),
+                         new_token_ids=(), text=text, finished=finished, finish_reason=reason)
+
+
+def make_turns(tmp_path, checkpoint_interval: float = 1.0) -> Turns:
+    sessions = Sessions(Store(tmp_path / "chat.sqlite3"), load_prompts())
+    engine = EngineLoop(lambda progress: None, wake=lambda: None)  # commands only queue
+    return Turns(sessions, engine, SamplingParams(max_tokens=8), checkpoint_interval)
+
+
+def test_a_fork_of_a_reply_that_ended_empty_gets_no_reply(tmp_path):
+    turns = make_turns(tmp_path)
+    source = turns.sessions.create("terse")
+    turns.send(source, "hi")
+    fork = turns.fork(source)  # the source's reply is live: the fork branches it...
+    turns.apply([output(source.request_id, "", True, "stop")])  # ...but it ends empty first
+    changes = turns.apply([Rejected(fork.request_id, "no request to fork")])
+    assert [(m.role, m.content) for m in fork.messages] == [("user", "hi")]
+    assert not fork.busy and "ended with no text" in fork.error
+    assert [n.session_id for n in changes.notices] == [fork.id]
+    stored = {s.id: s for s in turns.sessions.store.load()}
+    assert [m.role for m in stored[fork.id].messages] == ["user"]
+
+
+def test_a_fork_of_a_reply_that_ended_first_gets_that_reply(tmp_path):
+    turns = make_turns(tmp_path)
+    source = turns.sessions.create("terse")
+    turns.send(source, "hi")
+    fork = turns.fork(source)
+    turns.apply([output(source.request_id, "hello", True, "stop")])
+    turns.apply([Rejected(fork.request_id, "no request to fork")])
+    assert [(m.role, m.content) for m in fork.messages] == [("user", "hi"), ("assistant", "hello")]
+    assert fork.error is None
+
+
+def test_streaming_replies_are_checkpointed_in_the_store(tmp_path):
+    turns = make_turns(tmp_path, checkpoint_interval=0.0)
+    first, second = turns.sessions.create("terse"), turns.sessions.create("tutor")
+    turns.send(first, "one")
+    turns.send(second, "two")
+    turns.apply([output(first.request_id, "Par", False), output(second.request_id, "Ti", False)])
+    on_disk = {s.title: [(m.content, m.interrupted) for m in s.messages]
+               for s in Store(tmp_path / "chat.sqlite3").load()}  # as after kill -9
+    assert on_disk == {"Chat 1": [("one", False), ("Par", True)],
+                       "Chat 2": [("two", False), ("Ti", True)]}
+    turns.apply([output(first.request_id, "Partial reply", True, "stop")])
+    turns.sessions.store.close()
+    reopened = Sessions(Store(tmp_path / "chat.sqlite3"), turns.sessions.prompts)
+    assert [(m.content, m.interrupted) for m in reopened[first.id].messages] == [
+        ("one", False), ("Partial reply", False)]
+    assert [(m.content, m.interrupted) for m in reopened[second.id].messages] == [
+        ("two", False), ("Ti", True)]
