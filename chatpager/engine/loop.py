@@ -334,7 +334,8 @@ class EngineLoop:
         prompt = llm.encode_chat(list(command.prompt)) if command.chat else command.prompt
         if not isinstance(prompt, str):
             prompt = list(prompt)
-        llm.engine.add_request(prompt, command.params, request_id=command.request_id)
+        llm.engine.add_request(prompt, command.params, request_id=command.request_id,
+                               cache_salt=command.cache_salt)
         self._publish([Accepted(command.request_id, command.tag)])
 
     def _step(self, llm: LLM, live: set[str]) -> bool:

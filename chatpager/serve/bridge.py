@@ -8,8 +8,9 @@ Invariants:
   each event to its request group's queue. Outputs are cumulative, so a consumer that lags
   behind reads the latest and loses nothing.
 - A request group (a request and its parallel samples "X.1", "X.2"...) has one queue from
-  `open` until its stream is closed; closing a stream whose members have not all finished
-  aborts them at once (the client has gone: its blocks are freed on the next step).
+  `open` until its stream is closed or its members have finished; closing a stream whose
+  members have not all finished aborts them at once (the client has gone: its blocks are
+  freed on the next step).
 - `waiting` counts groups submitted that have neither produced an output nor been refused;
   `open` raises `QueueFull` when it has reached `max_waiting`.
 """
@@ -137,4 +138,6 @@ class EngineBridge:
         if finished:
             members = stream.ids if isinstance(event, Rejected) else [request_id]
             stream.unfinished.difference_update(members)
+            for member in members:  # a stream its reader never closes still leaves nothing
+                self._streams.pop(member, None)
         stream.queue.put_nowait(event)
