@@ -1,4 +1,4 @@
-"""System prompts shipped as files in the repository's `prompts/` folder.
+"""System prompts: files in a folder, by default the `chatpager/prompts/` shipped in the package.
 
 A prompt's name is its file name without `.md`. Files whose name starts with `_` are parts,
 not prompts: a line `@include _part.md` is replaced by that part's text. Prompts that include
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"  # repository root (editable install)
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"  # package data: in every install
 DEFAULT_PROMPT = "assistant"
 _INCLUDE = "@include "
 
