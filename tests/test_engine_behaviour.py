@@ -175,3 +175,70 @@ def test_block_keys_are_sha256_chains_over_salt_and_tokens():
     assert k1 != block_key(root, [1, 2, 3, 5]) and k1 != block_key(root_key("m", None), [1, 2, 3, 4])
     # the parent enters the key: the same tokens after a different chain give another key
     assert block_key(k1, [1, 2, 3, 4]) != k1
+
+
+def finished_once(outputs) -> dict:
+    """request id -> finish reason, asserting each request finished exactly once."""
+    seen = {}
+    for out in outputs:
+        if out.finished:
+            assert out.request_id not in seen, f"{out.request_id} finished twice"
+            seen[out.request_id] = out.finish_reason
+    return seen
+
+
+def drain(engine) -> list:
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    return outs
+
+
+@pytest.mark.parametrize("abort_ids", ["leader", "every id"])
+def test_aborting_a_group_before_its_prefill_ends_reports_every_sample_once(tiny_llama, abort_ids):
+    llm = LLM(model=tiny_llama, block_size=16, max_num_batched_tokens=16)
+    eng = llm.engine
+    params = SamplingParams(temperature=1.0, seed=1, n=3, max_tokens=8, ignore_eos=True)
+    rid = eng.add_request(prompt(16, 50), params)  # 50 tokens in chunks of 16: 4 prefill steps
+    outs = eng.step()
+    assert outs == [] and eng.seqs[rid].num_computed_tokens == 16
+    for request_id in [rid] if abort_ids == "leader" else [rid, f"{rid}.1", f"{rid}.2"]:
+        eng.abort(request_id)
+    reasons = finished_once(drain(eng))
+    assert reasons == {rid: "abort", f"{rid}.1": "abort", f"{rid}.2": "abort"}
+    assert llm.stats()["free_blocks"] == llm.stats()["num_blocks"]
+
+
+def test_aborting_one_sample_leaves_its_siblings_running(llm):
+    eng = llm.engine
+    rid = eng.add_request(prompt(17, 20), SamplingParams(temperature=1.0, seed=2, n=3, max_tokens=6,
+                                                         ignore_eos=True))
+    eng.step()
+    eng.abort(f"{rid}.1")
+    reasons = finished_once(drain(eng))
+    assert reasons == {rid: "length", f"{rid}.1": "abort", f"{rid}.2": "length"}
+
+
+@pytest.mark.parametrize("fail_at_step", [1, 3])  # during the prompt's prefill / after the samples forked
+def test_a_failed_forward_fails_every_sample_once_and_is_logged(tiny_llama, caplog, fail_at_step):
+    llm = LLM(model=tiny_llama, block_size=16)
+    eng = llm.engine
+    run, calls = eng.runner.run, []
+
+    def flaky(batch):
+        calls.append(len(batch))
+        if len(calls) == fail_at_step:
+            raise RuntimeError("device lost")
+        return run(batch)
+
+    eng.runner.run = flaky
+    rid = eng.add_request(prompt(18, 30), SamplingParams(temperature=0.0, n=3, max_tokens=10, ignore_eos=True))
+    with caplog.at_level("ERROR", logger="chatpager.engine"):
+        outs = drain(eng)
+    assert finished_once(outs) == {rid: "error", f"{rid}.1": "error", f"{rid}.2": "error"}
+    assert all(o.error == "RuntimeError: device lost" for o in outs if o.finished)
+    failure = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(failure) == 1 and failure[0].exc_info and "device lost" in str(failure[0].exc_info[1])
+    assert llm.stats()["free_blocks"] == llm.stats()["num_blocks"]
+    # the engine keeps serving
+    assert llm.generate([prompt(19, 10)], GREEDY)[0].finish_reason == "length"

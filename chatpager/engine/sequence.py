@@ -3,11 +3,16 @@ BlockManager fills its block table and the Scheduler moves it between states."""
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from chatpager.engine.block_pool import Block
+from chatpager.engine.detokenizer import Detokenizer
 from chatpager.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from chatpager.engine.request_group import RequestGroup
 
 
 class Status(enum.Enum):
@@ -42,6 +47,7 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.detok = Detokenizer()
         self.admitted = False
+        self.group: RequestGroup | None = None  # set for the members of an n > 1 request
 
     @property
     def num_tokens(self) -> int:
@@ -59,32 +65,3 @@ class Sequence:
     def block_table(self) -> list[int]:
         return [b.block_id for b in self.blocks]
 
-
-class Detokenizer:
-    """Incremental decoding: text grows by whole characters; no re-decode of the whole output."""
-
-    __slots__ = ("text", "prefix_offset", "read_offset")
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def update(self, tokenizer, output_ids: list[int]) -> str:
-        """Append what the newest tokens spell; returns the new characters."""
-        prefix = tokenizer.decode(output_ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = tokenizer.decode(output_ids[self.prefix_offset:], skip_special_tokens=True)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""  # an incomplete multi-byte character: wait for the next token
-        delta = full[len(prefix):]
-        self.text += delta
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(output_ids)
-        return delta
-
-    def flush(self, tokenizer, output_ids: list[int]) -> None:
-        """At the end: keep what the held-back tokens spell, replacement characters included."""
-        prefix = tokenizer.decode(output_ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = tokenizer.decode(output_ids[self.prefix_offset:], skip_special_tokens=True)
-        self.text += full[len(prefix):]
-        self.prefix_offset = self.read_offset = len(output_ids)
