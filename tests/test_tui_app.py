@@ -40,9 +40,9 @@ def model(tiny_model_factory) -> str:
 
 
 def make_app(model: str, data_dir: Path, app_class=ChatpagerApp, num_blocks: int = 1024,
-             **settings) -> ChatpagerApp:
+             max_model_len: int | None = None, **settings) -> ChatpagerApp:
     settings = {"params": SHORT, "refresh_interval": 0.05} | settings
-    engine = EngineArgs(model=model, num_blocks=num_blocks)
+    engine = EngineArgs(model=model, num_blocks=num_blocks, max_model_len=max_model_len)
     app = app_class(AppConfig(engine=engine, data_dir=data_dir, **settings))
     app.notices = []  # every notification's text, for assertions
     notify = app.notify
@@ -469,3 +469,18 @@ async def test_an_error_is_shown_as_plain_text(model, tmp_path):
         await pilot.pause()
         label = app.main.query_one("#chat-error")
         assert plain(label.render()).strip() == "⚠ bad [/] input [bold]not bold[/bold]"
+
+
+async def test_a_long_chat_drops_its_oldest_turns_and_keeps_going(model, tmp_path):
+    app = make_app(model, tmp_path, max_model_len=400)  # byte tokens: about 400 characters
+    async with running(app) as pilot:
+        await say(pilot, "/system terse")
+        for k in range(5):
+            await say(pilot, f"question {k}: " + "tell me more about paged attention. " * 2)
+            await until(pilot, lambda: not app.current.busy)
+            assert app.current.error is None, app.current.error
+        assert [m.role for m in app.current.messages] == ["user", "assistant"] * 5
+        assert app.current.window > 0 and app.current.chat()[0]["role"] == "system"
+        assert any("no longer fits" in notice for notice in app.notices)
+        notes = [str(n.render()) for n in app.main.query(".chat-note")]
+        assert len(notes) == 1 and "not sent to the model" in notes[0]

@@ -36,19 +36,32 @@ class Session:
     choices: list[str] = field(default_factory=list)  # finished alternatives to pick from
     replaced: str | None = None  # the reply a regeneration replaces, until it is settled
     error: str | None = None  # last error, shown in the chat until the next turn
+    window: int = 0  # messages before this one no longer fit the context and are not sent
     revision: int = 0  # bumped when messages change other than by appending
 
     @property
     def busy(self) -> bool:
         return self.request_id is not None
 
+    def drop_oldest_turn(self) -> bool:
+        """Move the window past the oldest exchange still sent, to the next user message;
+        False when there is none to drop (only the latest user message is left)."""
+        later = [i for i in range(self.window + 1, len(self.messages))
+                 if self.messages[i].role == "user"]
+        if not later:
+            return False
+        self.window = later[0]
+        self.revision += 1
+        return True
+
     def chat(self) -> list[dict[str, str]]:
         """The conversation as chat-template messages, system prompt first.
 
         Turns alternate: a user message left without a reply (a crash, a rejected or failed
-        turn) is merged with the next one, as many chat templates reject two in a row."""
+        turn) is merged with the next one, as many chat templates reject two in a row. Messages
+        before `window` (dropped when the history outgrew the context) are left out."""
         turns = [{"role": "system", "content": self.system}] if self.system else []
-        for message in self.messages:
+        for message in self.messages[self.window:]:
             if turns and turns[-1]["role"] == message.role:
                 turns[-1] = {"role": message.role,
                              "content": f"{turns[-1]['content']}\n\n{message.content}"}

@@ -63,6 +63,8 @@ class Sessions(Mapping[str, Session]):
             prompt_name=source.prompt_name,
             system=source.system,
             messages=[dataclasses.replace(m) for m in source.messages],
+            settings=dict(source.settings),
+            window=source.window,
         )
         self._add(session)
         return session
@@ -84,6 +86,7 @@ class Sessions(Mapping[str, Session]):
     def clear(self, session: Session) -> None:
         require_idle(session)
         session.messages.clear()
+        session.window = 0
         session.error = None
         session.tokens = None
         self.rewrite(session)

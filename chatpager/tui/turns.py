@@ -7,6 +7,9 @@ Invariants:
   parallel samples included) map back to the session through `_turns`.
 - A turn always ends: with the engine's finished output, a rejection, or an engine failure;
   its reply is then appended (or, for a regeneration, offered to pick from).
+- A turn rejected because the history no longer fits the model's context or the KV pool is
+  sent again without the oldest exchange (the system prompt stays), until it fits or only
+  the latest user message is left; the stored messages are kept whole.
 - A plain turn's reply (not a regeneration's, whose old reply stays stored until settled) is
   checkpointed at most every `checkpoint_interval` seconds while it streams, so a killed
   process loses at most that much of it.
@@ -46,6 +49,7 @@ class Changes:
 class _Turn:
     session_id: str
     request_ids: tuple[str, ...]  # the main request first, then parallel samples
+    params: SamplingParams
     regenerate: bool = False
     fork_of: str | None = None  # a branch of this session's live reply
     done: set[str] = field(default_factory=set)
@@ -89,7 +93,7 @@ class Turns:
         session = self.sessions.copy(source)
         if source.request_id is not None and not self._turns[source.request_id].regenerate:
             request_id = self._new_request_id(session)
-            self._begin(session, _Turn(session.id, (request_id,), fork_of=source.id))
+            self._begin(session, _Turn(session.id, (request_id,), self.params, fork_of=source.id))
             session.reply = source.reply
             session.state = source.state
             self.engine.fork(source.request_id, request_id)
@@ -116,8 +120,7 @@ class Turns:
         """Stop the session's turn, forget it, and delete the session."""
         if session.request_id is not None:
             self.stop(session)
-            for request_id in self._turns.pop(session.request_id).request_ids:
-                self._turns.pop(request_id, None)
+            self._forget(self._turns[session.request_id])
         self.sessions.delete(session)
 
     def close(self) -> None:
@@ -172,7 +175,7 @@ class Turns:
     def _submit(self, session: Session, params: SamplingParams, regenerate: bool = False) -> None:
         request_id = self._new_request_id(session)
         samples = tuple(f"{request_id}.{i}" for i in range(1, params.n))
-        self._begin(session, _Turn(session.id, (request_id, *samples), regenerate))
+        self._begin(session, _Turn(session.id, (request_id, *samples), params, regenerate))
         self.engine.submit(request_id, session.chat(), params)
 
     def _begin(self, session: Session, turn: _Turn) -> None:
@@ -216,6 +219,14 @@ class Turns:
             return
         turn, session = found
         changes.sessions.add(session.id)
+        if turn.fork_of is None and _too_long(message) and session.drop_oldest_turn():
+            self._forget(turn)
+            self._submit(session, turn.params, turn.regenerate)
+            dropped = session.window
+            changes.notices.append(Notice(
+                session.id, f"The history no longer fits the context: the oldest {dropped} "
+                f"messages are no longer sent (the system prompt is kept).", "warning"))
+            return
         source = self.sessions.get(turn.fork_of or "")
         if source is not None and not source.busy:
             # The source's turn ended before the branch was made: branch the reply it added.
@@ -231,9 +242,12 @@ class Turns:
             changes.notices.append(Notice(session.id, message))
         self._end(session, turn, "error", changes)
 
-    def _end(self, session: Session, turn: _Turn, reason: str, changes: Changes) -> None:
+    def _forget(self, turn: _Turn) -> None:
         for request_id in turn.request_ids:
             self._turns.pop(request_id, None)
+
+    def _end(self, session: Session, turn: _Turn, reason: str, changes: Changes) -> None:
+        self._forget(turn)
         texts = [session.samples.get(request_id, "") for request_id in turn.request_ids]
         session.request_id = None
         session.reply = ""
@@ -250,3 +264,11 @@ class Turns:
         elif texts[0]:
             self.sessions.append(session, Message("assistant", texts[0]))
         self.sessions.end_checkpoint(session)
+
+
+# What the engine's rejection says when a prompt can never fit (see InputProcessor.tokenize).
+_TOO_LONG = ("the model's context is", "the whole KV pool has")
+
+
+def _too_long(message: str) -> bool:
+    return any(phrase in message for phrase in _TOO_LONG)

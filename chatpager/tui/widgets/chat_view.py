@@ -35,7 +35,12 @@ class ChatView(VerticalScroll):
         """Bring the pane up to date with `session`, appending only what is new."""
         if self._shown != (session.id, session.revision):
             await self._reset(session)
-        for message in session.messages[self._count:]:
+        for index, message in enumerate(session.messages[self._count:], self._count):
+            if index == session.window > 0:
+                note = (f"— the {index} messages above no longer fit the context: "
+                        f"they are kept, but not sent to the model —")
+                await self.mount(Static(note, classes="chat-note", markup=False),
+                                 before="#chat-error")
             if message.role == "assistant" and self._reply is not None:
                 await self._write(message.content)
                 await self._end_reply()
