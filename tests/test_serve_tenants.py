@@ -6,8 +6,7 @@ import pytest
 
 from chatpager.cli import main as chatpager_main
 from chatpager.errors import ChatpagerError
-from chatpager.serve.auth import check_bind, load_api_keys
-from chatpager.serve.config import ServeConfig
+from chatpager.serve.config import ServeConfig, check_bind, load_api_keys
 from serve_support import serving
 
 # longer than a few 16-token blocks, so a repeat has full blocks to hit

@@ -4,6 +4,7 @@
     chatpager bench --sessions 64 --turns 8          # scale up
     chatpager bench --json out.json --plot out.png   # for machines and for people
     chatpager bench --quick --model DIR              # a seconds-long smoke run
+    chatpager bench --server http://127.0.0.1:8000/v1  # the same workload against chatpager serve
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     t.add_argument("--hf-static-sessions", type=int, default=None,
                    help="sessions run in static batches (default: one batch; 0 skips)")
     t.add_argument("--no-transformers", action="store_true", help="skip both transformers baselines")
+    h = p.add_argument_group("over HTTP (instead of in process)")
+    h.add_argument("--server", metavar="URL", default=None,
+                   help="drive a running `chatpager serve` (e.g. http://127.0.0.1:8000/v1) with the workload")
+    h.add_argument("--api-key", default=None, help="its API key, if it needs one")
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=None, help="write the full report here")
     o.add_argument("--plot", type=Path, default=None, help="write a PNG: utilization, blocks, throughput")
@@ -89,14 +94,14 @@ def main(argv: list[str]) -> int:
     console = Console(stderr=False)
     spec = WorkloadSpec(sessions=args.sessions, turns=args.turns, max_tokens=args.max_tokens,
                         ignore_eos=args.ignore_eos, seed=args.seed, prompts_dir=args.prompts)
+    if args.server:
+        return _bench_server(args, spec, console)
     report = run_bench(args, spec, console)
     from chatpager.bench.report import print_report
 
     print_report(report, console)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-        console.print(f"report: {args.json}")
+        _write_json(report, args.json, console)
     if args.plot:
         from chatpager.bench.plot import plot_report
 
@@ -104,6 +109,23 @@ def main(argv: list[str]) -> int:
         plot_report(report, args.plot)
         console.print(f"plot: {args.plot}")
     return 0
+
+
+def _write_json(report: dict, path: Path, console) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    console.print(f"report: {path}")
+
+
+def _bench_server(args: argparse.Namespace, spec: WorkloadSpec, console) -> int:
+    from chatpager.serve.bench import print_http_report, run_http_bench
+
+    report = run_http_bench(args.server, spec, args.api_key)
+    report["command"] = args.command
+    print_http_report(report, console)
+    if args.json:
+        _write_json(report, args.json, console)
+    return 1 if report["errors"] else 0
 
 
 def _load_llm(args: argparse.Namespace):

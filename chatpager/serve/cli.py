@@ -16,8 +16,8 @@ from pathlib import Path
 
 from chatpager.engine_args import EngineArgs, add_engine_args
 from chatpager.errors import ChatpagerError
-from chatpager.serve.auth import SINGLE_KEY_TENANT, check_bind, load_api_keys
-from chatpager.serve.config import DEFAULT_HOST, DEFAULT_PORT, ServeConfig
+from chatpager.serve.config import (DEFAULT_HOST, DEFAULT_PORT, SINGLE_KEY_TENANT, ServeConfig,
+                                    check_bind, load_api_keys)
 
 
 def add_serve_args(parser: argparse.ArgumentParser, port_default: int | None = DEFAULT_PORT) -> None:

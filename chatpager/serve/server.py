@@ -14,8 +14,7 @@ import uvicorn
 
 from chatpager.engine.loop import EngineLoop
 from chatpager.serve.app import create_app
-from chatpager.serve.auth import check_bind
-from chatpager.serve.config import ServeConfig
+from chatpager.serve.config import ServeConfig, check_bind
 
 GRACEFUL_SHUTDOWN_S = 1.0
 QUIET_LOGGING = {"version": 1, "disable_existing_loggers": False,  # nothing on the terminal
