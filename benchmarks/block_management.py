@@ -2,7 +2,7 @@
 
 Block management = the Scheduler (`schedule`: who runs, slot allocation, prefix matching,
 admission, preemption) and the BlockManager/BlockPool calls the engine makes around the model
-(`cache_full_blocks` after each step, `free` when a request ends). Each is timed by wrapping
+(`end_step` after each forward, `free` when a request ends). Each is timed by wrapping
 the bound method on this engine's instances; the model forward, sampling and detokenization
 make up the rest of `LLMEngine.step`. The host-side batch preparation of the ModelRunner
 (packing tokens, slots and block tables into tensors, the attention plan) is reported
@@ -36,7 +36,7 @@ from chatpager.engine.block_manager import BlockManager  # noqa: E402
 from chatpager.engine.block_pool import BlockPool  # noqa: E402
 from chatpager.engine.sequence import Sequence  # noqa: E402
 
-BLOCK_MANAGER_CALLS = ("cache_full_blocks", "free", "allocate_slots", "match_prefix", "admit")
+BLOCK_MANAGER_CALLS = ("end_step", "free", "allocate_slots", "match_prefix", "admit")
 IN_SCHEDULE = ("allocate_slots", "match_prefix", "admit")  # called from Scheduler.schedule
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     per_step = {k: v / args.steps * 1e3 for k, v in timers.total.items()}
     step_ms = wall / args.steps * 1e3
     inside_schedule = sum(per_step.get(f"block_manager.{n}", 0) for n in IN_SCHEDULE)
-    block_mgmt = per_step.get("scheduler.schedule", 0) + per_step.get("block_manager.cache_full_blocks", 0) \
+    block_mgmt = per_step.get("scheduler.schedule", 0) + per_step.get("block_manager.end_step", 0) \
         + per_step.get("block_manager.free", 0)
     host_prep = per_step["runner.run"] - per_step["model.forward"] - per_step["model.logits"]
     stats = eng.stats()
@@ -122,7 +122,7 @@ def main() -> None:
             ("block management (scheduler + block manager)", block_mgmt),
             ("  Scheduler.schedule", per_step.get("scheduler.schedule", 0)),
             ("    of which BlockManager calls", inside_schedule),
-            ("  BlockManager.cache_full_blocks", per_step.get("block_manager.cache_full_blocks", 0)),
+            ("  BlockManager.end_step", per_step.get("block_manager.end_step", 0)),
             ("  BlockManager.free", per_step.get("block_manager.free", 0)),
             ("ModelRunner host-side prep (tensors, plan)", host_prep),
             ("Model.forward", per_step["model.forward"]),

@@ -2,7 +2,11 @@
 
 The machine drives the real BlockPool / BlockManager with Sequences over a tiny alphabet (so
 prefix hits are common) and simulates the K/V contents as the token each slot holds, so
-"a hashed block holds exactly its chain" and "no write into a shared block" are checkable.
+"a hashed block holds exactly its chain", "no write into a shared block" and "every
+sequence reads its own tokens" are checkable. Work is grouped into steps as the engine does:
+admissions and appends schedule tokens (their blocks become hittable at once, so later
+admissions of the same step share them), then the step either computes — all copies, then
+all writes, then all reads — or fails, and nothing it registered stays hittable.
 """
 from __future__ import annotations
 
@@ -26,63 +30,98 @@ class PoolMachine(RuleBasedStateMachine):
         self.bm = BlockManager(self.pool, BLOCK_SIZE)
         self.live: list[Sequence] = []
         self.contents: dict[int, list[int | None]] = {i: [None] * BLOCK_SIZE for i in range(NUM_BLOCKS)}
-        self.chains: dict[int, tuple[int, ...]] = {}  # hash -> the token chain it names
+        self.chains: dict[bytes, tuple[int, ...]] = {}  # hash -> the token chain it names
+        self.salts: dict[bytes, str | None] = {}  # hash -> the cache salt of the chain
+        self.scheduled: list[tuple[Sequence, int]] = []  # this step: (sequence, tokens to compute)
+        self.copies: list[tuple[int, int]] = []
         self.n = 0
 
-    # --- simulated model: computing tokens writes them into their slots ---
-    def _compute(self, seq: Sequence, count: int) -> None:
-        for p in range(seq.num_computed_tokens, seq.num_computed_tokens + count):
-            block = seq.blocks[p // BLOCK_SIZE]
-            assert block.ref_cnt == 1, "invariant 4: write into a shared block"
-            self.contents[block.block_id][p % BLOCK_SIZE] = seq.token_ids[p]
-        seq.num_computed_tokens += count
-        self.bm.cache_full_blocks(seq)
-        for i, h in enumerate(seq.block_hashes[:seq.num_computed_tokens // BLOCK_SIZE]):
+    def _schedule(self, seq: Sequence, count: int, copies) -> None:
+        self.scheduled.append((seq, count))
+        self.copies.extend(copies)
+        for i, h in enumerate(seq.block_hashes[:(seq.num_computed_tokens + count) // BLOCK_SIZE]):
             self.chains.setdefault(h, tuple(seq.token_ids[:(i + 1) * BLOCK_SIZE]))
+            self.salts.setdefault(h, seq.cache_salt)
 
-    def _run_copies(self, copies) -> None:
-        for src, dst in copies:
-            self.contents[dst] = list(self.contents[src])
+    def _idle(self) -> list[Sequence]:
+        busy = {id(s) for s, _ in self.scheduled}
+        return [s for s in self.live if id(s) not in busy]
 
-    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=14))
-    def add(self, tokens):
-        seq = Sequence(f"s{self.n}", tokens, SamplingParams(), max_len=10**6)
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=14), salt=st.sampled_from([None, "t"]))
+    def add(self, tokens, salt):
+        seq = Sequence(f"s{self.n}", tokens, SamplingParams(), max_len=10**6, cache_salt=salt)
         self.n += 1
         hits = self.bm.match_prefix(seq)
+        for i, block in enumerate(hits):  # a hit names the same chain, salt included
+            assert self.chains[block.block_hash] == tuple(tokens[:(i + 1) * BLOCK_SIZE])
+            assert self.salts[block.block_hash] == salt
         new = seq.num_tokens - len(hits) * BLOCK_SIZE
         if not self.bm.can_admit(hits, new):
             return
         self.bm.admit(seq, hits)
         copies = self.bm.allocate_slots(seq, new)
         assert copies == []
-        self._compute(seq, new)
+        self._schedule(seq, new, copies)
         self.live.append(seq)
 
-    @precondition(lambda self: self.live)
+    @precondition(lambda self: self._idle())
     @rule(data=st.data(), token=st.integers(0, 2))
     def append(self, data, token):
-        seq = data.draw(st.sampled_from(self.live))
+        seq = data.draw(st.sampled_from(self._idle()))
         seq.token_ids.append(token)
         copies = self.bm.allocate_slots(seq, 1)
         if copies is None:  # pool exhausted: undo, as a scheduler would preempt instead
             seq.token_ids.pop()
             seq.block_hashes = seq.block_hashes[:seq.num_tokens // BLOCK_SIZE]
             return
-        self._run_copies(copies)
-        self._compute(seq, 1)
+        self._schedule(seq, 1, copies)
 
-    @precondition(lambda self: self.live)
+    @precondition(lambda self: self.scheduled)
+    @rule()
+    def compute(self):
+        """One forward: block copies, then every K/V write, then every attention read."""
+        for src, dst in self.copies:
+            self.contents[dst] = list(self.contents[src])
+        for seq, count in self.scheduled:
+            for p in range(seq.num_computed_tokens, seq.num_computed_tokens + count):
+                block = seq.blocks[p // BLOCK_SIZE]
+                # invariant 4: a shared block is only written with the very chain its hash names
+                # (a same-step hit by another request), never with anything else
+                if block.ref_cnt > 1:
+                    assert block.block_hash is not None
+                    assert self.chains[block.block_hash][p] == seq.token_ids[p]
+                self.contents[block.block_id][p % BLOCK_SIZE] = seq.token_ids[p]
+        for seq, count in self.scheduled:
+            seq.num_computed_tokens += count
+            context = [self.contents[seq.blocks[p // BLOCK_SIZE].block_id][p % BLOCK_SIZE]
+                       for p in range(seq.num_computed_tokens)]
+            assert context == seq.token_ids[:seq.num_computed_tokens], "read another chain's K/V"
+        self.bm.end_step(computed=True)
+        self.scheduled, self.copies = [], []
+
+    @precondition(lambda self: self.scheduled)
+    @rule()
+    def fail(self):
+        """The forward raised: nothing was written; the engine ends the requests of the batch."""
+        self.bm.end_step(computed=False)
+        for seq, _ in self.scheduled:
+            self.live.remove(seq)
+            self.bm.free(seq)
+        self.scheduled, self.copies = [], []
+
+    @precondition(lambda self: self.live and not self.scheduled)
     @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(self.live))
-        child = Sequence(f"s{self.n}", parent.token_ids, SamplingParams(), max_len=10**6)
+        child = Sequence(f"s{self.n}", parent.token_ids, SamplingParams(), max_len=10**6,
+                         cache_salt=parent.cache_salt)
         self.n += 1
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)
         self.bm.fork(parent, child)
         self.live.append(child)
 
-    @precondition(lambda self: self.live)
+    @precondition(lambda self: self.live and not self.scheduled)
     @rule(data=st.data())
     def free(self, data):
         seq = data.draw(st.sampled_from(self.live))
@@ -104,7 +143,9 @@ class PoolMachine(RuleBasedStateMachine):
         assert self.pool.num_free == len(free)
 
     @invariant()
-    def hashed_blocks_hold_their_chain(self):  # invariant 3
+    def hashed_blocks_hold_their_chain(self):  # invariant 3, between steps
+        if self.scheduled:
+            return
         for h, block in self.pool.hash_to_block.items():
             assert block.block_hash == h
             chain = self.chains[h]
@@ -113,6 +154,7 @@ class PoolMachine(RuleBasedStateMachine):
     def teardown(self):  # invariant 5: when every sequence has ended, every block is free
         if not hasattr(self, "live"):
             return
+        self.bm.end_step(computed=not self.scheduled)
         for s in list(self.live):
             self.bm.free(s)
         assert self.pool.num_free == NUM_BLOCKS
@@ -128,8 +170,8 @@ def test_lru_evicts_least_recently_freed_and_tail_first():
     seq = Sequence("a", [1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(), max_len=100)
     bm.admit(seq, [])
     bm.allocate_slots(seq, 8)
+    bm.end_step(computed=True)
     seq.num_computed_tokens = 8
-    bm.cache_full_blocks(seq)
     table = seq.block_table
     bm.free(seq)
     # freed tail first: the chain's last block is at the front of the queue (evicted first)
@@ -139,3 +181,19 @@ def test_lru_evicts_least_recently_freed_and_tail_first():
     # the head of the chain is still hittable
     again = Sequence("b", [1, 2, 3, 4, 9], SamplingParams(), max_len=100)
     assert [b.block_id for b in bm.match_prefix(again)] == table[:2]
+
+
+def test_blocks_scheduled_in_a_step_are_hittable_in_that_step_and_dropped_if_it_fails():
+    pool = BlockPool(8)
+    bm = BlockManager(pool, 2)
+    first = Sequence("a", [1, 2, 3, 4, 5], SamplingParams(), max_len=100)
+    bm.admit(first, bm.match_prefix(first))
+    bm.allocate_slots(first, 5)  # scheduled, not yet computed
+    second = Sequence("b", [1, 2, 3, 4, 6], SamplingParams(), max_len=100)
+    hits = bm.match_prefix(second)
+    assert hits == first.blocks[:2]
+    bm.admit(second, hits)
+    assert [b.ref_cnt for b in first.blocks] == [2, 2, 1]
+    bm.end_step(computed=False)  # the forward failed: its blocks were never written
+    assert not pool.hash_to_block
+    assert bm.match_prefix(Sequence("c", [1, 2, 3, 4, 7], SamplingParams(), max_len=100)) == []

@@ -242,3 +242,39 @@ def test_a_failed_forward_fails_every_sample_once_and_is_logged(tiny_llama, capl
     assert llm.stats()["free_blocks"] == llm.stats()["num_blocks"]
     # the engine keeps serving
     assert llm.generate([prompt(19, 10)], GREEDY)[0].finish_reason == "length"
+
+
+def test_requests_admitted_together_share_their_common_prefix_from_the_first_step(tiny_llama, hf_reference):
+    system = prompt(20, 64)  # four full blocks
+    prompts = [system + prompt(21 + i, 7) for i in range(4)]
+    llm = LLM(model=tiny_llama, block_size=16)
+    eng = llm.engine
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    first = {o.request_id: o for o in eng.step()}  # all four prefill in this one step
+    assert set(first) == set(ids)
+    # the prefix was computed once: the other three hit its blocks in the same step
+    assert [first[i].num_cached_tokens for i in ids] == [0, 64, 64, 64]
+    assert llm.stats()["prefix_hit_tokens"] == 3 * 64
+    tables = [eng.seqs[i].block_table for i in ids]
+    assert all(t[:4] == tables[0][:4] for t in tables)
+    assert [eng.pool.blocks[b].ref_cnt for b in tables[0][:4]] == [4, 4, 4, 4]
+    assert llm.stats()["used_blocks"] == 4 + 4  # the shared prefix + one own block each
+    final = run_all(eng)
+    alone = LLM(model=tiny_llama, block_size=16, enable_prefix_caching=False).generate(prompts, GREEDY)
+    assert [final[i].token_ids for i in ids] == [o.token_ids for o in alone]
+    hf = hf_reference(tiny_llama)
+    assert [list(final[i].token_ids) for i in ids] == [hf_greedy(hf, p, 16, ignore_eos=True) for p in prompts]
+
+
+@pytest.mark.slow
+def test_default_model_chats_sent_together_share_the_system_prompt(default_llm, hf_reference):
+    llm = default_llm
+    system = {"role": "system", "content": "You are a patient tutor. " * 20}
+    convs = [[system, {"role": "user", "content": q}] for q in ("What is 2 + 2?", "Name a color.", "Say hi.")]
+    before = llm.stats()["prefix_hit_tokens"]
+    outs = llm.chat(convs, SamplingParams(temperature=0.0, max_tokens=8), cache_salt="same-step-test")
+    shared = min(len(llm.encode_chat(c)) for c in convs) // 16 * 16 - 16  # whole blocks of the system turn
+    assert all(o.num_cached_tokens >= shared for o in outs[1:]) and outs[0].num_cached_tokens == 0
+    assert llm.stats()["prefix_hit_tokens"] - before >= 2 * shared
+    hf = hf_reference(llm.model_info["path"])
+    assert [list(o.token_ids) for o in outs] == [hf_greedy(hf, llm.encode_chat(c), 8) for c in convs]

@@ -29,6 +29,7 @@ class BlockManager:
         self.cow_copies = 0
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
+        self._registered_this_step: list[Block] = []  # hittable before their K/V are written
 
     # --- hashing -------------------------------------------------------------------------
     def _extend_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
@@ -41,13 +42,24 @@ class BlockManager:
     def root(self, seq: Sequence) -> BlockKey:
         return _root(self.model_key, seq.cache_salt)
 
-    def cache_full_blocks(self, seq: Sequence) -> None:
-        """After a step: register every block that is now full as hittable."""
-        full = seq.num_computed_tokens // self.block_size
+    def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Make every block that is full once `num_tokens` tokens are computed hittable now:
+        within a forward every K/V write precedes every attention read, so a request that
+        hits them in this step reads them after they are written."""
+        full = num_tokens // self.block_size
         self._extend_hashes(seq, full)
         for i in range(seq.num_registered_blocks, full):
-            self.pool.cache(seq.blocks[i], seq.block_hashes[i])
+            if self.pool.cache(seq.blocks[i], seq.block_hashes[i]):
+                self._registered_this_step.append(seq.blocks[i])
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+
+    def end_step(self, computed: bool) -> None:
+        """After the forward: if it failed, the blocks registered for it hold no K/V, so they
+        stop being hittable (every request that hit them was in that forward and fails too)."""
+        if not computed:
+            for block in self._registered_this_step:
+                self.pool.uncache(block)
+        self._registered_this_step = []
 
     # --- admission -----------------------------------------------------------------------
     def match_prefix(self, seq: Sequence) -> list[Block]:
@@ -83,8 +95,9 @@ class BlockManager:
 
     # --- growth --------------------------------------------------------------------------
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
-        """Blocks for the next `num_new_tokens` tokens. Returns block copies to run before the
-        forward (copy-on-write), or None, changing nothing, if the pool is too short."""
+        """Blocks for the next `num_new_tokens` tokens, which this step computes: the blocks
+        they fill become hittable at once. Returns block copies to run before the forward
+        (copy-on-write), or None, changing nothing, if the pool is too short."""
         bs = self.block_size
         need = cdiv(seq.num_computed_tokens + num_new_tokens, bs) - len(seq.blocks)
         idx = seq.num_computed_tokens // bs
@@ -100,6 +113,7 @@ class BlockManager:
             self.cow_copies += 1
         for _ in range(need):
             seq.blocks.append(self.pool.allocate())
+        self._register_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
         return copies
 
     def allocate_fresh(self, seq: Sequence, num_blocks: int) -> bool:

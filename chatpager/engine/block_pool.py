@@ -3,8 +3,10 @@
 Invariants (tests/test_block_pool_properties.py drives random operation sequences against them):
 1. `block.ref_cnt` equals the number of live block-table entries pointing at the block.
 2. A block is in the free queue iff its ref_cnt is 0.
-3. A block with a hash is full and holds exactly the K/V of the token chain the hash names;
-   `hash_to_block[h]` is a block whose hash is h.
+3. A block with a hash is full and holds exactly the K/V of the token chain the hash names
+   (from the end of the step that computes it: blocks are hashed when that step is
+   scheduled, and unhashed again if its forward fails); `hash_to_block[h]` is a block whose
+   hash is h.
 
 Free blocks keep their hash and stay hittable until reused. The free queue is a doubly linked
 list threaded through the Block objects, so take-from-front, append and remove-from-middle
@@ -119,13 +121,20 @@ class BlockPool:
     def cached_block(self, block_hash: BlockKey) -> Block | None:
         return self.hash_to_block.get(block_hash) if self.enable_caching else None
 
-    def cache(self, block: Block, block_hash: BlockKey) -> None:
-        """Record that `block` is full and holds the chain named by `block_hash`."""
+    def cache(self, block: Block, block_hash: BlockKey) -> bool:
+        """Record that `block` is full and holds (or, within this step, will hold) the chain
+        named by `block_hash`. False if it was not recorded."""
         if not self.enable_caching or block.block_hash is not None:
-            return
-        if block_hash not in self.hash_to_block:  # first writer wins; duplicates stay unhashed
-            block.block_hash = block_hash
-            self.hash_to_block[block_hash] = block
+            return False
+        if block_hash in self.hash_to_block:  # first writer wins; duplicates stay unhashed
+            return False
+        block.block_hash = block_hash
+        self.hash_to_block[block_hash] = block
+        return True
+
+    def uncache(self, block: Block) -> None:
+        """`block` does not hold what its hash names (its forward failed): no longer hittable."""
+        self._drop_hash(block)
 
     def _drop_hash(self, block: Block) -> None:
         if block.block_hash is not None and self.hash_to_block.get(block.block_hash) is block:

@@ -108,6 +108,7 @@ class LLMEngine:
     # --- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._finished_out = self._finished_out, []
+        self.block_manager.end_step(computed=False)  # no-op, unless the last step raised midway
         batch = self.scheduler.schedule()
         self.step_count += 1
         if not batch:
@@ -117,11 +118,12 @@ class LLMEngine:
             sample_idx, logits = self.runner.run(batch)
         except Exception as exc:  # e.g. out of device memory: fail these requests, keep serving
             log.exception("forward failed for %d sequences: %s", len(batch), [s.request_id for s in batch.seqs])
+            self.block_manager.end_step(computed=False)
             outputs.extend(self._fail(batch, f"{type(exc).__name__}: {exc}"))
             return outputs
+        self.block_manager.end_step(computed=True)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
         rows = [(row, s) for row, i in enumerate(sample_idx) for s in self._with_new_samples(batch.seqs[i])]
         tokens = [sample(logits[row], s.params, s.generator) for row, s in rows]
         outputs.extend(self._emit(s, token) for (_, s), token in zip(rows, tokens))
