@@ -278,3 +278,63 @@ def test_default_model_chats_sent_together_share_the_system_prompt(default_llm, 
     assert llm.stats()["prefix_hit_tokens"] - before >= 2 * shared
     hf = hf_reference(llm.model_info["path"])
     assert [list(o.token_ids) for o in outs] == [hf_greedy(hf, llm.encode_chat(c), 8) for c in convs]
+
+
+def test_forks_and_samples_respect_max_num_seqs(tiny_llama):
+    llm = LLM(model=tiny_llama, block_size=16, max_num_seqs=2)
+    eng = llm.engine
+    rid = eng.add_request(prompt(22, 20), SamplingParams(temperature=0.0, n=3, max_tokens=6, ignore_eos=True))
+    outs = []
+    while eng.has_unfinished():
+        outs.extend(eng.step())
+        assert llm.stats()["running"] <= 2
+    final = finished_once(outs)  # no sample is lost: the one without room waited its turn
+    assert final == {rid: "length", f"{rid}.1": "length", f"{rid}.2": "length"}
+    samples = {o.request_id: o.token_ids for o in outs if o.finished}
+    assert samples[rid] == samples[f"{rid}.1"] == samples[f"{rid}.2"]  # greedy: the queued one too
+
+
+def test_an_explicit_fork_beyond_max_num_seqs_waits_its_turn(tiny_llama):
+    llm = LLM(model=tiny_llama, block_size=16, max_num_seqs=1)
+    eng = llm.engine
+    a = eng.add_request(prompt(23, 20), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    eng.step()
+    b = eng.fork(a)
+    assert llm.stats()["running"] == 1 and llm.stats()["waiting"] == 1
+    final = run_all(eng)
+    # greedy: the fork (1 inherited + 6 own tokens) continues exactly as its parent did
+    assert final[b].token_ids[:6] == final[a].token_ids and len(final[b].token_ids) == 7
+
+
+def test_swap_mode_counts_swaps(tiny_llama):
+    llm = LLM(model=tiny_llama, block_size=4, num_blocks=24, preemption_mode="swap")
+    llm.generate([prompt(24 + i, 30) for i in range(5)], SamplingParams(temperature=0.0, max_tokens=30,
+                                                                        ignore_eos=True))
+    stats = llm.stats()
+    assert stats["preemptions"] > 0 and stats["swap_outs"] > 0 and stats["swap_ins"] == stats["swap_outs"]
+
+
+def test_file_logging_records_a_failed_forward_with_its_traceback(tiny_llama, tmp_path):
+    import logging
+
+    from chatpager.logs import configure_file_logging
+
+    log_file = tmp_path / "logs" / "chatpager.log"
+    handler = configure_file_logging(log_file)
+    try:
+        assert configure_file_logging(log_file) is handler  # idempotent
+        llm = LLM(model=tiny_llama)
+
+        def broken(batch):
+            raise MemoryError("no room for activations")
+
+        llm.engine.runner.run = broken
+        out = llm.generate([prompt(29, 5)], GREEDY)[0]
+        assert out.finish_reason == "error"
+        handler.flush()
+        text = log_file.read_text()
+        assert "forward failed" in text and "Traceback (most recent call last)" in text
+        assert "MemoryError: no room for activations" in text
+    finally:
+        logging.getLogger("chatpager").removeHandler(handler)
+        handler.close()

@@ -44,6 +44,10 @@ def test_a_pool_too_small_preempts_and_still_matches(mode, tiny_llama, hf_refere
     assert_matches_hf(llm, hf_reference(tiny_llama), random_prompts(3, [25, 30, 40, 28, 33, 26]), max_tokens=30)
     stats = llm.stats()
     assert stats["preemptions"] > 0
+    if mode == "swap":  # swapped out and back in, not silently recomputed
+        assert stats["swap_outs"] > 0 and stats["swap_ins"] == stats["swap_outs"]
+    else:
+        assert stats["swap_outs"] == stats["swap_ins"] == 0
     assert stats["free_blocks"] == stats["num_blocks"]  # nothing leaked
 
 

@@ -94,11 +94,14 @@ class LLMEngine:
         return child.request_id
 
     def _attach(self, parent: Sequence, child: Sequence) -> None:
-        """Schedule a child that `continue_from` made a copy of `parent`."""
-        if parent.status is Status.RUNNING:
+        """Schedule a child that `continue_from` made a copy of `parent`: running beside it on
+        shared blocks if max_num_seqs leaves room, else queued to recompute (hitting the
+        parent's cached blocks)."""
+        if parent.status is Status.RUNNING and self.scheduler.has_room():
             self.block_manager.fork(parent, child)
             self.scheduler.add_running(child)
-        else:  # not in the pool now: the child recomputes, hitting the parent's cached blocks
+        else:
+            child.status = Status.WAITING
             child.num_computed_tokens = 0
             self.scheduler.add(child)
 

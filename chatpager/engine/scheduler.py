@@ -45,6 +45,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
         self.preemptions = 0
+        self.swap_outs = 0  # sequences copied to host memory / back (preemption_mode="swap")
+        self.swap_ins = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -52,6 +54,10 @@ class Scheduler:
     def add_running(self, seq: Sequence) -> None:
         """A fork joins the running set directly: its blocks are already there."""
         self.running.append(seq)
+
+    def has_room(self) -> bool:
+        """Whether one more sequence may run now (max_num_seqs)."""
+        return sum(1 for s in self.running if not s.is_finished) < self.max_num_seqs
 
     def num_unfinished(self) -> int:
         return sum(1 for q in (self.waiting, self.running, self.swapped) for s in q if not s.is_finished)
@@ -101,6 +107,7 @@ class Scheduler:
                 break
             self.swapped.popleft()
             self.kv_cache.swap_in(seq.swapped_kv, seq.block_table)
+            self.swap_ins += 1
             seq.swapped_kv = None
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -134,6 +141,7 @@ class Scheduler:
         if self.preemption_mode == "swap" and seq.num_computed_tokens > 0:
             held = cdiv(seq.num_computed_tokens, self.bm.block_size)
             seq.swapped_kv = self.kv_cache.swap_out(seq.block_table[:held])
+            self.swap_outs += 1
             self.bm.free(seq)
             seq.status = Status.SWAPPED
             self.swapped.append(seq)

@@ -58,6 +58,8 @@ def engine_stats(engine: LLMEngine) -> dict:
         "prefix_hit_rate": bm.prefix_hit_tokens / q if q else 0.0,
         "evictions": pool.evictions,
         "preemptions": sched.preemptions,
+        "swap_outs": sched.swap_outs,
+        "swap_ins": sched.swap_ins,
         "cow_copies": bm.cow_copies,
         "kv_utilization": sum(filled.values()) / (len(filled) * bs) if filled else 0.0,
         "sharing_ratio": logical / held if held else 1.0,
