@@ -21,6 +21,7 @@ from chatpager.tui.config import AppConfig
 from chatpager.tui.export import FORMATS, export
 from chatpager.tui.messages import EngineActivity, PromptSubmitted, SessionSelected
 from chatpager.tui.prompts import DEFAULT_PROMPT, load_prompts
+from chatpager.tui.remote import RemoteTenants, connect_hint
 from chatpager.tui.screens.confirm import ConfirmScreen
 from chatpager.tui.screens.help import HelpScreen
 from chatpager.tui.screens.main import MainScreen
@@ -89,6 +90,8 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.sessions = Sessions(self.store, self.prompts)
         self.turns = Turns(self.sessions, self.engine, config.params)
         self.swarm = Swarm(self.sessions, self.turns, load_turns(), config.swarm_params)
+        self.remote = RemoteTenants(self.sessions, self.turns)
+        self.server = None  # the HTTP server (ServerThread) of --serve, once listening
         self.current_id: str = ""
         self.model_status = "loading…"
         self._picking = False
@@ -109,6 +112,8 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.current_id = next(reversed(sessions)) if sessions else sessions.create(DEFAULT_PROMPT).id
         self.sub_title = self.model_status
         self.engine.start()
+        if self.config.serve is not None:
+            self._start_server()
         if self.config.swarm:
             self.swarm.spawn(self.config.swarm)
         # On the screen, not the app: it stops with the screen's widgets when the app closes.
@@ -117,9 +122,23 @@ class ChatpagerApp(App, inherit_bindings=False):
         self._refresh_cache()
 
     def on_unmount(self) -> None:
+        if self.server is not None:
+            self.server.stop()
         self.engine.close(timeout=2.0)
         self.turns.close()
         self.store.close()
+
+    def _start_server(self) -> None:
+        """`--serve`: the OpenAI-compatible server on this app's engine, on its own thread."""
+        from chatpager.serve.server import ServerThread  # FastAPI loads only when serving
+
+        try:
+            self.server = ServerThread(self.engine, self.config.serve).start()
+        except (OSError, TimeoutError) as error:
+            self.notify(f"cannot serve on port {self.config.serve.port}: {error}",
+                        title="Server", severity="error", timeout=15)
+            return
+        self.title = f"chatpager · serving {self.server.url}/v1"
 
     def _load_llm(self, progress: ProgressFn):
         from chatpager import LLM  # torch and transformers load on the engine thread
@@ -159,6 +178,7 @@ class ChatpagerApp(App, inherit_bindings=False):
             elif isinstance(event, LoadFailed):
                 self._set_model_status("failed to load")
                 self.notify(event.message, title="Model load failed", severity="error", timeout=15)
+        self.remote.apply(events, keep=self.current_id)  # before turns: outputs find their turn
         changes = self.turns.apply(events)
         for notice in changes.notices:
             title = self.sessions[notice.session_id].title
@@ -325,7 +345,11 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.help_sections()))
+            hint = None
+            if self.server is not None:
+                info = self.engine.model_info or {}
+                hint = connect_hint(self.server.url, info.get("name", "MODEL"))
+            self.push_screen(HelpScreen(self.help_sections(), hint))
 
     def help_sections(self) -> list[tuple[str, list[Binding]]]:
         return [("Keys", list(self.BINDINGS)), ("In the message input", list(PromptInput.BINDINGS))]

@@ -8,6 +8,7 @@ import platformdirs
 
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.engine_args import EngineArgs
+from chatpager.serve.config import ServeConfig
 
 
 def default_data_dir() -> Path:
@@ -26,6 +27,7 @@ class AppConfig:
         default_factory=lambda: SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64)
     )
     refresh_interval: float = 0.25  # seconds between refreshes of the cache view and sidebar
+    serve: ServeConfig | None = None  # --serve: the OpenAI-compatible server on this engine
 
     @property
     def database(self) -> Path:

@@ -9,6 +9,8 @@ import argparse
 from pathlib import Path
 
 from chatpager.engine_args import EngineArgs, add_engine_args
+from chatpager.serve.cli import add_serve_args, serve_config
+from chatpager.serve.config import DEFAULT_PORT
 from chatpager.tui.config import AppConfig, default_data_dir
 
 
@@ -20,6 +22,10 @@ def parse_args(argv: list[str]) -> AppConfig:
     parser.add_argument("--swarm", type=int, default=0, metavar="N", help="start N simulated tenants")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help=f"where conversations are stored (default: {default_data_dir()})")
+    parser.add_argument("--serve", type=int, nargs="?", const=DEFAULT_PORT, default=None,
+                        metavar="PORT", help=f"also serve the OpenAI API on PORT (default "
+                        f"{DEFAULT_PORT}); its tenants appear in the sidebar")
+    add_serve_args(parser, port_default=None)
     add_engine_args(parser)
     args = parser.parse_args(argv)
     if args.swarm < 0:
@@ -28,6 +34,7 @@ def parse_args(argv: list[str]) -> AppConfig:
         engine=EngineArgs.from_namespace(args),
         swarm=args.swarm,
         data_dir=args.data_dir or default_data_dir(),
+        serve=None if args.serve is None else serve_config(args, args.serve),
     )
 
 

@@ -25,6 +25,7 @@ class Session:
     system: str
     messages: list[Message] = field(default_factory=list)
     stored: bool = True  # swarm tenants are simulated load, not the user's data
+    remote: str | None = None  # the tenant, for a remote (HTTP) tenant's session: read-only
     settings: dict[str, float] = field(default_factory=dict)  # sampling overrides (/set)
     # live state
     request_id: str | None = None  # the reply being generated

@@ -130,6 +130,10 @@ class Sessions(Mapping[str, Session]):
 
 
 def require_idle(session: Session) -> None:
+    """The session can take a new turn now: it is local and not generating."""
+    if session.remote is not None:
+        raise UserError(f"{session.title} is a remote tenant's conversation and read-only here; "
+                        f"fork it to continue locally")
     if session.busy:
         raise UserError("a reply is still being generated: stop it first")
 

@@ -99,6 +99,11 @@ class Turns:
             self.engine.fork(source.request_id, request_id)
         return session
 
+    def follow(self, session: Session, request_id: str) -> None:
+        """Make a request submitted elsewhere (a remote tenant's) this idle session's turn:
+        its outputs then update the session as a local turn's do."""
+        self._begin(session, _Turn(session.id, (request_id,), params=None))
+
     def stop(self, session: Session) -> None:
         """Abort the reply; what was generated is kept, its blocks are freed at once."""
         if session.request_id is None:

@@ -17,9 +17,11 @@ from chatpager.tui import slash
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,f1,question_mark,q", "dismiss", "Close", id="help.close")]
 
-    def __init__(self, sections: Sequence[tuple[str, Sequence[Binding]]]) -> None:
+    def __init__(self, sections: Sequence[tuple[str, Sequence[Binding]]],
+                 hint: str | None = None) -> None:
         super().__init__()
         self.sections = sections
+        self.hint = hint  # e.g. how to reach the HTTP server of --serve
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-body"):
@@ -27,6 +29,8 @@ class HelpScreen(ModalScreen[None]):
             for title, bindings in self.sections:
                 yield Static(self._keys_table(title, bindings))
             yield Static(self._commands_table())
+            if self.hint:
+                yield Static(Text(self.hint), id="help-hint")
             yield Static("Esc closes this screen.", classes="dim")
 
     def _keys_table(self, title: str, bindings: Sequence[Binding]) -> Table:
