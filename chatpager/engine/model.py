@@ -2,18 +2,24 @@
 
 Covers the llama, mistral, qwen2 (qkv bias) and qwen3 (per-head q/k RMSNorm) layouts: RMSNorm,
 RoPE (scaled variants included), grouped-query attention, SwiGLU MLP, tied or untied embeddings.
-q/k/v and gate/up projections are fused into one matmul each at load time.
+q/k/v and gate/up projections are fused into one matmul each at load time. Every projection is
+a `quantization.Linear` (dense, int8 or int4, chosen once at load); norms, RoPE and attention
+run in the model dtype whatever the weights are stored in.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from chatpager.engine.attention import AttentionBackend, AttentionMetadata
 from chatpager.engine.config import ModelConfig
+from chatpager.engine.gguf_weights import GroupedInt4
 from chatpager.engine.kv_cache import KVCache
+from chatpager.engine.quantization import (DenseLinear, Linear, ShortlistHead, cat_int4, int4_linear, int8_linear,
+                                           quantize_int4)
 from chatpager.engine.rope import apply_rope, rope_tables
 from chatpager.errors import ModelLoadError
 
@@ -27,34 +33,55 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass(slots=True)
 class Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
+    qkv: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o: torch.Tensor
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 class Model:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, max_positions: int) -> None:
+    """`quantization` is "none", "int8" or "int4" (already resolved); `int4_weights` are a GGUF
+    file's own 4-bit codes by Hugging Face name, used for "int4" instead of quantizing floats."""
+
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype, max_positions: int, quantization: str = "none",
+                 int4_weights: Mapping[str, GroupedInt4] | None = None) -> None:
         self.config = config
         self.scale = config.head_dim ** -0.5
+        self.quantization = quantization
+        int4_weights = int4_weights or {}
 
-        def take(name: str) -> torch.Tensor:
+        def raw(name: str) -> torch.Tensor:
             if name not in weights:
                 raise ModelLoadError(f"checkpoint lacks tensor {name!r}")
-            return weights[name].to(device=device, dtype=dtype)
+            return weights[name]
+
+        def take(name: str) -> torch.Tensor:
+            return raw(name).to(device=device, dtype=dtype)
 
         def maybe(name: str) -> torch.Tensor | None:
             return take(name) if name in weights else None
 
+        def linear(names: list[str], bias: torch.Tensor | None = None) -> Linear:
+            if quantization == "int4":
+                parts = [int4_weights[n] if n in int4_weights else quantize_int4(raw(n)) for n in names]
+                return int4_linear(cat_int4(parts), bias)
+            if quantization == "int8":
+                return int8_linear(torch.cat([raw(n) for n in names]), bias)
+            return DenseLinear(torch.cat([take(n) for n in names]), bias)
+
         self.embed = take("model.embed_tokens.weight")
         self.norm = take("model.norm.weight")
         tied = config.tie_word_embeddings or "lm_head.weight" not in weights
-        self.lm_head = self.embed if tied else take("lm_head.weight")
+        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        head_weight = self.embed if tied else take(head)
+        if quantization == "none":
+            self.lm_head: Linear = DenseLinear(head_weight)
+        else:  # int8 + exact rescoring even under int4: the head's error lands straight on the logits
+            self.lm_head = ShortlistHead(int8_linear(head_weight), head_weight)
         self.layers: list[Layer] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
@@ -62,14 +89,14 @@ class Model:
             biases = [maybe(a + f"{n}_proj.bias") for n in "qkv"]
             self.layers.append(Layer(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"]),
-                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+                qkv=linear([a + f"{n}_proj.weight" for n in "qkv"],
+                           torch.cat(biases) if all(b is not None for b in biases) else None),
                 q_norm=maybe(a + "q_norm.weight") if config.qk_norm else None,
                 k_norm=maybe(a + "k_norm.weight") if config.qk_norm else None,
-                o=take(a + "o_proj.weight"),
+                o=linear([a + "o_proj.weight"]),
                 post_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                down=take(p + "mlp.down_proj.weight"),
+                gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                down=linear([p + "mlp.down_proj.weight"]),
             ))
         cos, sin = rope_tables(config.hf_config, config.head_dim, max_positions)
         self.cos, self.sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
@@ -85,7 +112,7 @@ class Model:
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(n, c.num_heads, c.head_dim)
             k = k.view(n, c.num_kv_heads, c.head_dim)
             v = v.view(n, c.num_kv_heads, c.head_dim)
@@ -94,13 +121,13 @@ class Model:
                 k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_cache, v_cache = kv_cache.layer(i)
-            o = attention(q, k, v, k_cache, v_cache, meta, self.scale)
-            h = h + F.linear(o.reshape(n, q_size), layer.o)
+            o = attention(q, k, v, k_cache, v_cache, meta, self.scale, scales=kv_cache.layer_scales(i))
+            h = h + layer.o(o.reshape(n, q_size))
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         return rms_norm(h, self.norm, c.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
