@@ -73,9 +73,8 @@ async def test_a_remote_tenant_shows_in_the_sidebar_and_the_block_map(app):
         await app._switch_to(tenant.id)
         block_map = app.main.query_one(BlockMap)
         await until(pilot, lambda: block_map.focus_blocks)
-        [view] = [v for v in app.engine.snapshot.sequences if v.request_id == tenant.request_id]
-        assert block_map.focus_blocks <= set(view.block_table) | set(block_map.focus_blocks)
-        assert set(view.block_table) & block_map.focus_blocks
+        [view] = [v for v in block_map.snapshot.sequences if v.request_id == tenant.request_id]
+        assert block_map.focus_blocks == set(view.block_table)  # drawn solid: this tenant's
         assert tenant.cached_tokens > 0  # the first turn's prompt blocks were hits
 
         # read-only here: typing into it is refused, with a reason
@@ -93,3 +92,68 @@ async def test_a_remote_tenant_shows_in_the_sidebar_and_the_block_map(app):
         await stream.close()
         await until(pilot, lambda: not tenant.busy and not app.engine.snapshot.sequences)
         assert tenant.messages[-1].role == "assistant"
+
+
+# -- how remote requests are grouped into sessions (no model needed) -------------------------
+from chatpager import SamplingParams  # noqa: E402
+from chatpager.engine.loop import Accepted, EngineLoop  # noqa: E402
+from chatpager.engine.outputs import RequestOutput  # noqa: E402
+from chatpager.serve.bridge import RemoteRequest  # noqa: E402
+from chatpager.tui.prompts import load_prompts  # noqa: E402
+from chatpager.tui.remote import RemoteTenants  # noqa: E402
+from chatpager.tui.sessions import Sessions  # noqa: E402
+from chatpager.tui.store import Store  # noqa: E402
+from chatpager.tui.turns import Turns  # noqa: E402
+
+
+class Host:
+    """Remote tenants on real sessions and turns, fed events by hand (the engine never runs)."""
+
+    def __init__(self, tmp_path, max_sessions: int = 64) -> None:
+        self.sessions = Sessions(Store(tmp_path / "db.sqlite3"), load_prompts())
+        self.turns = Turns(self.sessions, EngineLoop(lambda progress: None), SamplingParams())
+        self.remote = RemoteTenants(self.sessions, self.turns, max_sessions)
+        self.serial = 0
+
+    def request(self, tenant: str, *messages: tuple[str, str], reply: str = "ok", keep=None):
+        """A request accepted and answered; the session it went to."""
+        self.serial += 1
+        rid = f"chatcmpl-{self.serial}"
+        self.remote.apply([Accepted(rid, RemoteRequest(tenant, "m", messages))], keep=keep)
+        session = next(s for s in self.sessions.values() if s.request_id == rid)
+        self.turns.apply([RequestOutput(rid, (1,), (2,), (2,), reply, True, "stop")])
+        assert not session.busy and session.messages[-1].content == reply
+        return session
+
+
+def test_one_conversation_is_one_session_and_others_get_their_own(tmp_path):
+    host = Host(tmp_path)
+    system = ("system", "Shared house style.")
+    a1 = host.request("10.0.0.1", system, ("user", "I am A"), reply="hello A")
+    b1 = host.request("10.0.0.1", system, ("user", "I am B"), reply="hello B")
+    assert a1 is not b1 and (a1.title, b1.title) == ("⇄ 10.0.0.1", "⇄ 10.0.0.1 #2")
+    a2 = host.request("10.0.0.1", system, ("user", "I am A"), ("assistant", "hello A"),
+                      ("user", "again"), reply="A again")
+    assert a2 is a1 and [m.content for m in a1.messages] == ["I am A", "hello A", "again", "A again"]
+    other = host.request("10.0.0.2", system, ("user", "I am A"), ("assistant", "hello A"),
+                         ("user", "again"), reply="x")
+    assert other is not a1 and other.remote == "10.0.0.2"
+    assert a1.system == "Shared house style." and not a1.stored
+
+
+def test_a_completion_continues_when_its_prompt_extends_the_last_one(tmp_path):
+    host = Host(tmp_path)
+    first = host.request("t", ("prompt", "Once upon"), reply=" a time")
+    again = host.request("t", ("prompt", "Once upon a time, there"), reply=" was")
+    assert again is first
+    fresh = host.request("t", ("prompt", "Another story"), reply="...")
+    assert fresh is not first
+
+
+def test_the_oldest_idle_remote_sessions_go_first_never_the_one_on_screen(tmp_path):
+    host = Host(tmp_path, max_sessions=2)
+    oldest = host.request("t", ("user", "one"))
+    host.request("t", ("user", "two"), keep=oldest.id)
+    host.request("t", ("user", "three"), keep=oldest.id)
+    remaining = [s.messages[0].content for s in host.sessions.values() if s.remote]
+    assert remaining == ["one", "three"]  # "two" went: "one" is on screen
