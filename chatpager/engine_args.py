@@ -25,6 +25,7 @@ class EngineArgs:
     dtype: str = "auto"
     preemption_mode: str = "recompute"
     enable_prefix_caching: bool = True
+    quantization: str = "auto"
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "EngineArgs":
@@ -35,6 +36,7 @@ class EngineArgs:
             max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
             attention=args.attention, device=args.device, dtype=args.dtype,
             preemption_mode=args.preemption_mode, enable_prefix_caching=not args.no_prefix_caching,
+            quantization=args.quantization,
         )
 
     def llm_kwargs(self) -> dict:
@@ -71,3 +73,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute",
                    help="what happens to a sequence when the pool runs out (default: recompute)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="weights: auto (default) runs a GGUF's own 4-bit weights on CPU, anything else "
+                   "unquantized; int8 / int4 quantize on load (CPU only)")

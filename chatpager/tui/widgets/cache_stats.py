@@ -17,7 +17,7 @@ def stats_table(stats: dict, model_info: dict) -> Table:
     total = stats["num_blocks"]
     table.add_row("model", Text(model_info["name"]))
     table.add_row(
-        "runtime", f"{model_info['device']} · {model_info['dtype']} · {model_info['attention']}"
+        "runtime", f"{model_info['device']} · {model_info['dtype']}{quantization_label(model_info)} · {model_info['attention']}"
     )
     table.add_row(
         "blocks",
@@ -58,3 +58,9 @@ class CacheStats(Static):
         table.add_column(style="bold")
         table.add_row("model", Text(model_status))
         self.update(table, layout=False)
+
+
+def quantization_label(info: dict) -> str:
+    """' · int4' for quantized weights; nothing for the unquantized default of float checkpoints."""
+    mode = info.get("quantization", "none")
+    return "" if mode == "none" else f" · {mode}"
