@@ -20,6 +20,7 @@ from chatpager.tui.screens.help import HelpScreen
 from chatpager.tui.screens.pick_reply import PickReplyScreen
 from chatpager.tui.screens.prompt_picker import PromptPicker
 from chatpager.tui.screens.rename import RenameScreen
+from chatpager.tui.screens.search import SearchResults
 from chatpager.tui.store import Store
 from chatpager.tui.widgets.block_map import BlockMap
 from chatpager.tui.widgets.chat_message import ChatMessage
@@ -359,9 +360,9 @@ async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):
 async def test_slash_commands_complete_and_help_lists_keys(model, tmp_path):
     app = make_app(model, tmp_path)
     async with running(app) as pilot:
-        await pilot.press("/", "r", "e")
+        await pilot.press("/", "r", "e", "g")
         prompt = app.main.query_one(PromptInput)
-        assert prompt.suggestion == "gen "
+        assert prompt.suggestion == "en "
         assert app.main.query_one(SlashHints).display
         await pilot.press("tab")
         assert prompt.text == "/regen "
@@ -397,7 +398,7 @@ async def test_a_pool_larger_than_the_map_is_drawn_in_groups(model, tmp_path):
 
 def test_every_binding_has_an_id():
     for owner in (ChatpagerApp, PromptInput, HelpScreen, PromptPicker, PickReplyScreen,
-                  RenameScreen, ConfirmScreen):
+                  RenameScreen, ConfirmScreen, SearchResults):
         assert all(binding.id for binding in owner.BINDINGS), owner
 
 
@@ -484,3 +485,138 @@ async def test_a_long_chat_drops_its_oldest_turns_and_keeps_going(model, tmp_pat
         assert any("no longer fits" in notice for notice in app.notices)
         notes = [str(n.render()) for n in app.main.query(".chat-note")]
         assert len(notes) == 1 and "not sent to the model" in notes[0]
+
+
+def stored_sessions(data_dir: Path, *sessions) -> None:
+    """Write sessions as an earlier run of the app would have."""
+    store = Store(data_dir / "chatpager.sqlite3")
+    for session in sessions:
+        store.save_session(session)
+        store.replace_messages(session)
+    store.close()
+
+
+async def test_set_changes_one_sessions_sampling_and_shows_it(model, tmp_path):
+    app = make_app(model, tmp_path, params=SamplingParams(temperature=1.5, max_tokens=8, ignore_eos=True))
+    async with running(app) as pilot:
+        await say(pilot, "/set temperature 0")  # greedy: the same prompt, the same reply
+        await say(pilot, "/set max-tokens 5")
+        header = app.main.query_one("#chat-header")
+        assert "temperature 0.0" in str(header.render()) and "max_tokens 5" in str(header.render())
+        await say(pilot, "say it twice")
+        await until(pilot, lambda: not app.current.busy)
+        first = app.current.messages[-1].content
+        await say(pilot, "/regen")
+        await until(pilot, lambda: not app.current.busy and not app.current.choices)
+        assert app.current.messages[-1].content == first
+        assert app.current.tokens - app.current.cached_tokens <= 5 + 16  # 5 generated at most
+        await say(pilot, "/set temperature -1")
+        assert any("temperature must be >= 0" in notice for notice in app.notices)
+        await say(pilot, "/set top_p default")
+        await say(pilot, "/set nonsense 3")
+        assert any("no setting 'nonsense'" in notice for notice in app.notices)
+        await say(pilot, "/new terse")  # other sessions keep the command line's settings
+        assert app.current.settings == {}
+    again = make_app(model, tmp_path)
+    async with running(again):
+        assert next(iter(again.sessions.values())).settings == {"temperature": 0.0, "max_tokens": 5}
+
+
+async def test_rename_delete_and_info_commands(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await say(pilot, "what is a block table?")
+        await until(pilot, lambda: not app.current.busy)
+        await say(pilot, "/rename Block tables")
+        assert app.current.title == "Block tables"
+        assert "Block tables" in str(app.main.query_one("#chat-header").render())
+        await say(pilot, "/info")
+        info = app.notices[-1]
+        assert "2 messages" in info and f"Last turn: {app.current.tokens} tokens" in info
+        assert "prefix-cache hits" in info and "Holds no blocks now" in info
+        await say(pilot, "/new terse")
+        await say(pilot, "/delete")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: len(app.sessions) == 1)
+        assert app.current.title == "Block tables"
+
+
+async def test_copy_the_last_reply_or_its_code_block(model, tmp_path):
+    from chatpager.tui.session import Message, Session
+
+    reply = "Run it:\n\n```sh\nmake test\n```\n\nthen\n\n```python\nprint('ok')\n```\n"
+    stored_sessions(tmp_path, Session("s1", "Code", "terse", "Be brief.",
+                                      [Message("user", "how?"), Message("assistant", reply)]))
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        assert app.clipboard == reply
+        await say(pilot, "/copy code")
+        assert app.clipboard == "print('ok')\n"
+        assert any("Copied the last code block" in notice for notice in app.notices)
+
+
+async def test_up_recalls_what_was_sent(model, tmp_path):
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        prompt = app.main.query_one(PromptInput)
+        for text in ("first message", "/info"):
+            await say(pilot, text)
+        await until(pilot, lambda: not app.current.busy)
+        await pilot.press("up")
+        assert prompt.text == "/info"
+        await pilot.press("up")
+        assert prompt.text == "first message"
+        await pilot.press("down")
+        assert prompt.text == "/info"
+        await pilot.press("down")
+        assert prompt.text == ""
+        prompt.text = "line one\nline two"  # text being written: ↑ moves the cursor
+        prompt.move_cursor((1, 0))
+        await pilot.press("up")
+        assert prompt.text == "line one\nline two" and prompt.cursor_location == (0, 0)
+
+
+async def test_search_finds_sessions_and_switches_to_one(model, tmp_path):
+    from chatpager.tui.session import Message, Session
+
+    stored_sessions(
+        tmp_path,
+        Session("s1", "Release planning", "terse", "Be brief.", [Message("user", "What goes in 0.2?")]),
+        Session("s2", "Paging", "terse", "Be brief.",
+                [Message("user", "How do block tables work?"), Message("assistant", "They map...")]),
+        Session("s3", "Cooking", "terse", "Be brief.", [Message("user", "Soup recipes with tables")]),
+    )
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        assert app.current.title == "Cooking"
+        await say(pilot, "/search TABLE")
+        await until(pilot, lambda: isinstance(app.screen, SearchResults))
+        options = app.screen.query_one("OptionList")
+        assert [options.get_option_at_index(i).id for i in range(options.option_count)] == ["s2", "s3"]
+        await pilot.press("enter")
+        await until(pilot, lambda: app.current.title == "Paging")
+        await say(pilot, "/search nowhere-to-be-found")
+        assert any("no session mentions" in notice for notice in app.notices)
+
+
+async def test_export_never_overwrites_silently(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "chat.md"
+    target.write_text("my notes")
+    app = make_app(model, tmp_path)
+    async with running(app) as pilot:
+        await say(pilot, "/export")  # no path: a new file beside the others
+        await say(pilot, "/export")
+        assert sorted(p.name for p in tmp_path.glob("chat-1*.md")) == ["chat-1-2.md", "chat-1.md"]
+        await say(pilot, f"/export md {target}")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")
+        await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        assert target.read_text() == "my notes"
+        await say(pilot, f"/export md {target}")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: target.read_text().startswith("# Chat 1"))

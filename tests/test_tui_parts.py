@@ -64,7 +64,7 @@ def test_slash_commands_parse_and_complete():
     assert command.name == "export" and argument == "json  out/chat.json"
     with pytest.raises(UserError, match="unknown command /nope"):
         slash.parse("/nope")
-    assert [c.name for c in slash.matching("/s")] == ["system", "stop", "swarm"]
+    assert [c.name for c in slash.matching("/s")] == ["system", "stop", "set", "search", "swarm"]
     assert slash.matching("/stop now") == []
     assert slash.suggest("/fo", []) == "rk "
     assert slash.suggest("/s", []) == ""  # ambiguous
@@ -218,3 +218,34 @@ def test_a_user_turn_left_without_a_reply_is_merged_with_the_next():
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": "lost in a crash\n\nagain"},
     ]
+
+
+def test_sampling_and_prompt_options(tmp_path, capsys):
+    (tmp_path / "mine.md").write_text("You answer in haiku.")
+    config = parse_args(["--temperature", "0", "--top-p", "0.5", "--max-tokens", "32",
+                         "--prompts-dir", str(tmp_path)])
+    assert (config.params.temperature, config.params.top_p, config.params.max_tokens) == (0, 0.5, 32)
+    assert config.prompts_dir == tmp_path and load_prompts(config.prompts_dir) == {
+        "mine": "You answer in haiku."}
+    for bad in (["--temperature", "-1"], ["--top-p", "0"], ["--max-tokens", "0"],
+                ["--prompts-dir", str(tmp_path / "missing")]):
+        with pytest.raises(SystemExit) as exit:
+            parse_args(bad)
+        assert exit.value.code == 2
+    with pytest.raises(SystemExit) as exit:
+        parse_args(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("chatpager ")
+
+
+def test_export_picks_a_new_name_and_refuses_to_overwrite(tmp_path, monkeypatch):
+    from chatpager.tui.export import default_path
+
+    monkeypatch.chdir(tmp_path)
+    session = Session("a", "My chat!", "terse", "Be brief.", [Message("user", "hi")])
+    assert export(session) == tmp_path / "my-chat.md"
+    assert default_path(session, "md") == tmp_path / "my-chat-2.md"
+    with pytest.raises(FileExistsError):
+        export(session, "md", tmp_path / "my-chat.md")
+    (tmp_path / "my-chat.md").write_text("old")
+    export(session, "md", tmp_path / "my-chat.md", overwrite=True)
+    assert (tmp_path / "my-chat.md").read_text().startswith("# My chat!")

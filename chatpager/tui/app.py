@@ -28,8 +28,10 @@ from chatpager.tui.screens.main import MainScreen
 from chatpager.tui.screens.pick_reply import PickReplyScreen
 from chatpager.tui.screens.prompt_picker import PromptPicker
 from chatpager.tui.screens.rename import RenameScreen
+from chatpager.tui.screens.search import SearchResults
 from chatpager.tui.session import Session
-from chatpager.tui.sessions import Sessions, UserError
+from chatpager.tui.session_info import describe, settings_text, to_copy
+from chatpager.tui.sessions import SETTINGS, Sessions, UserError
 from chatpager.tui.store import Store
 from chatpager.tui.widgets.cache_stats import quantization_label
 from chatpager.tui.swarm import Swarm, load_turns
@@ -46,6 +48,12 @@ PALETTE = (  # slash commands offered in the command palette, beside /new and /s
     ("/regen", "Regenerate the last reply"),
     (f"/regen {REGENERATE_ALTERNATIVES}", "Regenerate the last reply as alternatives to pick from"),
     ("/clear", "Clear this session's messages"),
+    ("/info", "This session's tokens, blocks and prefix-cache hits"),
+    ("/copy", "Copy the last reply to the clipboard"),
+    ("/copy code", "Copy the last code block to the clipboard"),
+    ("/set temperature 0", "Greedy replies in this session"),
+    ("/rename", "Rename this session"),
+    ("/delete", "Delete this session and its messages"),
     ("/export md", "Write this session as Markdown (in the current folder)"),
     ("/export json", "Write this session as JSON (in the current folder)"),
     (f"/swarm {DEMO_TENANTS}", "Start simulated tenants: watch sharing, eviction and preemption"),
@@ -71,6 +79,8 @@ class ChatpagerApp(App, inherit_bindings=False):
                 tooltip="Previous session"),
         Binding("ctrl+down,alt+down", "switch(1)", "Next", key_display="^↓", id="session.next",
                 tooltip="Next session"),
+        Binding("f4", "copy_reply", "Copy", show=False, id="chat.copy",
+                tooltip="Copy the last reply to the clipboard (/copy code: its code block)"),
         Binding("f2", "rename", "Rename", id="session.rename", tooltip="Rename this session"),
         Binding("f8", "delete", "Delete", id="session.delete",
                 tooltip="Delete this session and its messages"),
@@ -85,7 +95,9 @@ class ChatpagerApp(App, inherit_bindings=False):
     def __init__(self, config: AppConfig) -> None:
         super().__init__()
         self.config = config
-        self.prompts = load_prompts()
+        self.prompts = load_prompts(config.prompts_dir)
+        # a --prompts-dir of one's own may have no "assistant": its first prompt then
+        self.default_prompt = DEFAULT_PROMPT if DEFAULT_PROMPT in self.prompts else next(iter(self.prompts))
         self.store = Store(config.database)
         self.engine = EngineLoop(self._load_llm, wake=lambda: self.post_message(EngineActivity()))
         self.sessions = Sessions(self.store, self.prompts)
@@ -110,7 +122,7 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     async def on_ready(self) -> None:
         sessions = self.sessions
-        self.current_id = next(reversed(sessions)) if sessions else sessions.create(DEFAULT_PROMPT).id
+        self.current_id = next(reversed(sessions)) if sessions else sessions.create(self.default_prompt).id
         self.sub_title = self.model_status
         self.engine.start()
         if self.config.serve is not None:
@@ -272,8 +284,57 @@ class ChatpagerApp(App, inherit_bindings=False):
     async def _slash_export(self, argument: str) -> None:
         words = argument.split(maxsplit=1)
         fmt = words.pop(0) if words and words[0] in FORMATS else "md"
-        path = export(self.current, fmt, Path(words[0]) if words else None)
-        self.notify(f"Exported to {path}")
+        session, path = self.current, Path(words[0]) if words else None
+        try:
+            self.notify(f"Exported to {export(session, fmt, path)}")
+        except FileExistsError:
+            def answered(replace: bool | None) -> None:
+                if replace:
+                    self.notify(f"Exported to {export(session, fmt, path, overwrite=True)}")
+
+            self.push_screen(ConfirmScreen(f"{path} exists. Replace it?"), answered)
+
+    async def _slash_set(self, argument: str) -> None:
+        session = self.current
+        name, _, value = argument.partition(" ")
+        if not value.strip():
+            current = settings_text(session) or "none (the command line's)"
+            raise UserError(f"usage: /set NAME VALUE, or /set NAME default; names: "
+                            f"{', '.join(SETTINGS)}. {session.title}'s settings: {current}")
+        self.sessions.set_setting(session, name, value.strip(), self.turns.params)
+        self.notify(f"{session.title}: {settings_text(session) or 'default settings'} "
+                    f"from the next turn")
+
+    async def _slash_rename(self, argument: str) -> None:
+        if argument:
+            self.sessions.rename(self.current, argument)
+        else:
+            self.action_rename()
+
+    async def _slash_delete(self, _: str) -> None:
+        self.action_delete()
+
+    async def _slash_info(self, _: str) -> None:
+        self.notify(describe(self.current, self.engine.snapshot), title=self.current.title,
+                    timeout=20)
+
+    async def _slash_copy(self, argument: str) -> None:
+        what, text = to_copy(self.current, argument)
+        self.copy_to_clipboard(text)
+        self.notify(f"Copied {what} ({len(text)} characters) to the clipboard")
+
+    async def _slash_search(self, argument: str) -> None:
+        if not argument:
+            raise UserError("usage: /search TEXT")
+        found = self.sessions.search(argument)
+        if not found:
+            raise UserError(f"no session mentions {argument!r}")
+
+        async def chosen(session_id: str | None) -> None:
+            if session_id in self.sessions:
+                await self._switch_to(session_id)
+
+        self.push_screen(SearchResults(argument, found), chosen)
 
     async def _slash_swarm(self, argument: str) -> None:
         count = _count(argument, default=DEMO_TENANTS)
@@ -307,6 +368,9 @@ class ChatpagerApp(App, inherit_bindings=False):
         else:
             self.turns.stop(session)
 
+    async def action_copy_reply(self) -> None:
+        await self.run_slash("/copy")
+
     async def action_regenerate(self) -> None:
         await self._attempt(
             lambda: self.turns.regenerate(self.current, REGENERATE_ALTERNATIVES)
@@ -339,7 +403,7 @@ class ChatpagerApp(App, inherit_bindings=False):
                 self.swarm.stop(session)
             self.turns.delete(session)
             ids.remove(session.id)
-            target = ids[min(index, len(ids) - 1)] if ids else self.sessions.create(DEFAULT_PROMPT).id
+            target = ids[min(index, len(ids) - 1)] if ids else self.sessions.create(self.default_prompt).id
             await self._switch_to(target)
 
         self.push_screen(ConfirmScreen(f"Delete {session.title!r} and its messages?"), confirmed)

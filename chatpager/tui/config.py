@@ -1,6 +1,7 @@
 """What the app is started with: the command line's options, as one record."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import platformdirs
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.engine_args import EngineArgs
 from chatpager.serve.config import ServeConfig
+from chatpager.tui.prompts import PROMPTS_DIR
+
+DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=512)
 
 
 def default_data_dir() -> Path:
@@ -20,12 +24,12 @@ class AppConfig:
     engine: EngineArgs = field(default_factory=EngineArgs)  # what LLM(...) is built with
     swarm: int = 0  # tenants to start with
     data_dir: Path = field(default_factory=default_data_dir)
-    params: SamplingParams = field(
-        default_factory=lambda: SamplingParams(temperature=0.7, top_p=0.9, max_tokens=512)
-    )
+    params: SamplingParams = field(  # a session's /set overrides its own copy
+        default_factory=lambda: dataclasses.replace(DEFAULT_PARAMS))
     swarm_params: SamplingParams = field(
         default_factory=lambda: SamplingParams(temperature=0.7, top_p=0.9, max_tokens=64)
     )
+    prompts_dir: Path = PROMPTS_DIR
     refresh_interval: float = 0.25  # seconds between refreshes of the cache view and sidebar
     serve: ServeConfig | None = None  # --serve: the OpenAI-compatible server on this engine
 

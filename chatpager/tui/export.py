@@ -1,6 +1,7 @@
-"""Writing a session out as Markdown or JSON."""
+"""Writing a session out as Markdown or JSON; an existing file is never replaced unasked."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -28,16 +29,25 @@ def to_json(session: Session) -> str:
 
 
 def default_path(session: Session, fmt: str) -> Path:
+    """A file named after the session in the current folder, one that does not exist yet."""
     slug = re.sub(r"[^a-z0-9]+", "-", session.title.lower()).strip("-") or "chat"
-    return Path.cwd() / f"{slug}.{fmt}"
+    path = Path.cwd() / f"{slug}.{fmt}"
+    for k in itertools.count(2):
+        if not path.exists():
+            return path
+        path = path.with_name(f"{slug}-{k}.{fmt}")
+    raise AssertionError("unreachable")
 
 
-def export(session: Session, fmt: str = "md", path: Path | None = None) -> Path:
-    """Write the session; returns the path written."""
+def export(session: Session, fmt: str = "md", path: Path | None = None,
+           overwrite: bool = False) -> Path:
+    """Write the session; returns the path written. An existing file is only replaced with
+    `overwrite` (FileExistsError otherwise): exporting never overwrites silently."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     path = (path or default_path(session, fmt)).expanduser()
     text = to_markdown(session) if fmt == "md" else to_json(session)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    with path.open("w" if overwrite else "x", encoding="utf-8") as file:
+        file.write(text)
     return path

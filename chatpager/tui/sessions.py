@@ -14,10 +14,12 @@ import dataclasses
 import uuid
 from collections.abc import Iterator, Mapping
 
+from chatpager.engine.sampling_params import SamplingParams
 from chatpager.tui.session import Message, Session
 from chatpager.tui.store import Store
 
 CUSTOM_PROMPT = "custom"
+SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "max_tokens": int}  # for /set
 
 
 class UserError(Exception):
@@ -83,6 +85,40 @@ class Sessions(Mapping[str, Session]):
         session.revision += 1
         self._save(session)
 
+    def set_setting(self, session: Session, name: str, text: str, base: SamplingParams) -> None:
+        """Set (or with "default", unset) one of the session's sampling SETTINGS; checked
+        against `base`, the app's parameters, as they are used together."""
+        name = name.replace("-", "_")
+        if name not in SETTINGS:
+            raise UserError(f"no setting {name!r}: settings are {', '.join(SETTINGS)}")
+        settings = dict(session.settings)
+        if text == "default":
+            settings.pop(name, None)
+        else:
+            try:
+                settings[name] = SETTINGS[name](text)
+                dataclasses.replace(base, **settings)  # SamplingParams checks its values
+            except ValueError as error:
+                raise UserError(f"/set {name}: {error}") from None
+        session.settings = settings
+        session.revision += 1
+        self._save(session)
+
+    def search(self, text: str) -> list[tuple[Session, str]]:
+        """Sessions whose title or messages contain `text` (any case), each with where."""
+        needle = text.casefold()
+        found = []
+        for session in self.values():
+            if needle in session.title.casefold():
+                found.append((session, "title"))
+                continue
+            for message in reversed(session.messages):  # the latest mention first
+                at = message.content.casefold().find(needle)
+                if at >= 0:
+                    found.append((session, _snippet(message.content, at, len(needle))))
+                    break
+        return found
+
     def clear(self, session: Session) -> None:
         require_idle(session)
         session.messages.clear()
@@ -136,6 +172,12 @@ def require_idle(session: Session) -> None:
                         f"fork it to continue locally")
     if session.busy:
         raise UserError("a reply is still being generated: stop it first")
+
+
+def _snippet(text: str, at: int, length: int, around: int = 30) -> str:
+    start, end = max(0, at - around), at + length + around
+    flat = " ".join(text[start:end].split())
+    return ("…" if start else "") + flat + ("…" if end < len(text) else "")
 
 
 def _new_id() -> str:

@@ -49,7 +49,7 @@ class Changes:
 class _Turn:
     session_id: str
     request_ids: tuple[str, ...]  # the main request first, then parallel samples
-    params: SamplingParams
+    params: SamplingParams | None = None  # None: submitted elsewhere, not ours to resend
     regenerate: bool = False
     fork_of: str | None = None  # a branch of this session's live reply
     done: set[str] = field(default_factory=set)
@@ -75,7 +75,7 @@ class Turns:
     def send(self, session: Session, text: str, params: SamplingParams | None = None) -> None:
         require_idle(session)
         self.sessions.append(session, Message("user", text))
-        self._submit(session, params or self.params)
+        self._submit(session, params or self.params_for(session))
 
     def regenerate(self, session: Session, n: int = 1) -> None:
         """Generate the last reply again; with n > 1, n alternatives to pick from."""
@@ -85,7 +85,11 @@ class Turns:
         if session.messages[-1].role == "assistant":
             session.replaced = session.messages.pop().content
             session.revision += 1
-        self._submit(session, dataclasses.replace(self.params, n=n), regenerate=True)
+        self._submit(session, dataclasses.replace(self.params_for(session), n=n), regenerate=True)
+
+    def params_for(self, session: Session) -> SamplingParams:
+        """The app's sampling parameters with the session's own settings (/set) applied."""
+        return dataclasses.replace(self.params, **session.settings)
 
     def fork(self, source: Session) -> Session:
         """A new session with the same history; a reply being generated is forked too, and
@@ -224,7 +228,7 @@ class Turns:
             return
         turn, session = found
         changes.sessions.add(session.id)
-        if turn.fork_of is None and _too_long(message) and session.drop_oldest_turn():
+        if turn.params and not turn.fork_of and _too_long(message) and session.drop_oldest_turn():
             self._forget(turn)
             self._submit(session, turn.params, turn.regenerate)
             dropped = session.window

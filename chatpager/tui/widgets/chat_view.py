@@ -10,6 +10,7 @@ from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from chatpager.tui.session import Session
+from chatpager.tui.session_info import settings_text
 from chatpager.tui.widgets.chat_message import ChatMessage, printable
 
 
@@ -77,6 +78,8 @@ class ChatView(VerticalScroll):
         self._count = 0
         self._error = ""
         header = f"{session.title} — system prompt: {session.prompt_name}"
+        if session.settings:
+            header += " · " + settings_text(session)
         await self.mount(Static(header, id="chat-header", markup=False),
                          Static(id="chat-error", markup=False))  # errors quote any text
 

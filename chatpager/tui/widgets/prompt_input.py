@@ -1,7 +1,8 @@
 """The message input: multi-line; Enter sends, Ctrl+J (or Shift+Enter) starts a new line.
 
 While a slash command is typed, its completion shows as a suggestion that Tab (or the
-right arrow) accepts.
+right arrow) accepts. ↑ in an empty input recalls what was sent before (↓ goes back); once
+the recalled text is edited, the arrows move the cursor again.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ class PromptInput(TextArea):
     def __init__(self, prompt_names: Sequence[str] = (), id: str | None = None) -> None:
         super().__init__(id=id, soft_wrap=True, show_line_numbers=False, compact=True)
         self.prompt_names = list(prompt_names)
-        self.placeholder = "Message (Enter sends, ^j new line, / for commands)"
+        self.placeholder = "Message (Enter sends, ^j new line, ↑ recalls, / for commands)"
+        self.sent: list[str] = []  # what was sent (messages and commands), oldest first
+        self._recalled: int | None = None  # index into `sent` of the text shown, while unedited
 
     def update_suggestion(self) -> None:
         at_end = self.cursor_location == self.document.end
@@ -52,10 +55,41 @@ class PromptInput(TextArea):
     def action_complete(self) -> None:
         self.call_later(self._complete)
 
+    def action_cursor_up(self, select: bool = False) -> None:
+        if not select and (not self.text or self._browsing()):
+            self._recall(-1)
+        else:
+            super().action_cursor_up(select)
+
+    def action_cursor_down(self, select: bool = False) -> None:
+        if not select and self._browsing():
+            self._recall(1)
+        else:
+            super().action_cursor_down(select)
+
+    def _browsing(self) -> bool:
+        return self._recalled is not None and self.text == self.sent[self._recalled]
+
+    def _recall(self, step: int) -> None:
+        start = len(self.sent) if self._recalled is None else self._recalled
+        index = start + step
+        if index < 0 or not self.sent:
+            return
+        if index >= len(self.sent):  # past the newest: back to an empty input
+            self._recalled = None
+            self.clear()
+            return
+        self._recalled = index
+        self.text = self.sent[index]
+        self.move_cursor(self.document.end)
+
     def _submit(self) -> None:
         text = self.text.strip()
         if text:
             self.clear()
+            self._recalled = None
+            if not self.sent or self.sent[-1] != text:
+                self.sent.append(text)
             self.post_message(PromptSubmitted(text))
 
     def _complete(self) -> None:
