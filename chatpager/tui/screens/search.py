@@ -26,8 +26,8 @@ class SearchResults(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Static(f"{len(self.found)} sessions mention {self.text!r}", classes="dialog-title",
-                         markup=False)
+            count = "1 session mentions" if len(self.found) == 1 else f"{len(self.found)} sessions mention"
+            yield Static(f"{count} {self.text!r}", classes="dialog-title", markup=False)
             yield OptionList(*(
                 Option(Text.assemble((session.title, "bold"), "\n  ", (where, "dim")), id=session.id)
                 for session, where in self.found
