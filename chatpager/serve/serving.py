@@ -85,13 +85,16 @@ def sampling_params(req: SamplingRequest, max_tokens: int | None) -> SamplingPar
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise APIError(400, "stop strings must not be empty", "invalid_value", "stop")
-    return SamplingParams(
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        max_tokens=max_tokens or UNTIL_CONTEXT,
-        stop=stop, seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
-    )
+    try:
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            max_tokens=max_tokens or UNTIL_CONTEXT,
+            stop=stop, seed=req.seed, n=req.n, ignore_eos=req.ignore_eos,
+        )
+    except ValueError as exc:  # the protocol's bounds should catch these first
+        raise APIError(400, str(exc), "invalid_value") from None
 
 
 def check_fields(req: SamplingRequest) -> None:
