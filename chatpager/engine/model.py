@@ -80,8 +80,9 @@ class Model:
         head_weight = self.embed if tied else take(head)
         if quantization == "none":
             self.lm_head: Linear = DenseLinear(head_weight)
-        else:  # int8 + exact rescoring even under int4: the head's error lands straight on the logits
-            self.lm_head = ShortlistHead(int8_linear(head_weight), head_weight)
+        else:  # the best tokens rescored exactly: the head's error lands straight on the logits
+            coarse = int4_linear(quantize_int4(head_weight)) if quantization == "int4" else int8_linear(head_weight)
+            self.lm_head = ShortlistHead(coarse, head_weight)
         self.layers: list[Layer] = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."

@@ -12,11 +12,11 @@ them in 8 or 4 bits is the lever (MACHINE.md: all layer matmuls of SmolLM2 at on
 - "auto": "int4" on CPU when the GGUF file holds 4-bit layers (the fast path runs the file's own
   weights); otherwise "none" (a float checkpoint runs as it is; int8 / int4 are opt-in), and
   always "none" on CUDA.
-Under int8 / int4 the output head is a `ShortlistHead`: int8 per channel scores every token, then
-the few best are scored again with the float weights (kept anyway for embedding lookups when the
-head is tied). The head's error lands straight on the logits: measured on the default model, an
-int8 head alone moved the top token at 3% of positions; with the shortlist rescored, the argmax
-is exact whenever the true best token is in the int8 shortlist.
+Under int8 / int4 the output head is a `ShortlistHead`: the head quantized the same way scores
+every token, then the best few are scored again with the float weights (kept anyway for
+embedding lookups when the head is tied). The head's error lands straight on the logits:
+measured on the default model, a plain int8 head moved the top token at 3% of positions; with
+the shortlist rescored, the argmax is exact whenever the true best token is in the shortlist.
 
 Invariants: the quantized ops run on bf16 activations — with fp32 inputs torch takes a slow
 path (5-10x) — so a quantized linear casts its input to bf16 and its output back to the caller's
@@ -63,22 +63,25 @@ class Int8Linear:
 @dataclass(frozen=True, slots=True)
 class Int4Linear:
     packed: torch.Tensor  # uint8, torch's CPU int4 layout (depends on the CPU's ISA: never stored)
-    scales_zeros: torch.Tensor  # bf16 [K // 32, N, 2]: w = scale * (code - 8) + zero
+    scales_zeros: torch.Tensor  # bf16 [K // 32, N', 2]: w = scale * (code - 8) + zero
+    out_features: int  # N; the kernel wants N' a multiple of 16, so the padding rows are cut off
     bias: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(ACT), self.packed, GROUP, self.scales_zeros)
+        if y.shape[-1] != self.out_features:
+            y = y[..., :self.out_features]
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
 @dataclass(frozen=True, slots=True)
 class ShortlistHead:
-    """Output head: int8 logits for the whole vocabulary, the top `shortlist` recomputed exactly."""
+    """Output head: quantized logits for the whole vocabulary, the top `shortlist` recomputed exactly."""
 
-    coarse: Int8Linear
+    coarse: Linear
     weight: torch.Tensor  # [vocab, hidden] float, the head's own weights
-    shortlist: int = 8
+    shortlist: int = 16
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.coarse(x)
@@ -117,10 +120,14 @@ def quantize_int4(w: torch.Tensor) -> GroupedInt4:
 
 
 def int4_linear(w: GroupedInt4, bias: torch.Tensor | None = None) -> Int4Linear:
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes.to(torch.int32), 1)
-    zero = w.minimum + 8 * w.scale  # torch's zero is the value of code 8
-    scales_zeros = torch.stack([w.scale, zero], -1).transpose(0, 1).contiguous().to(ACT)
-    return Int4Linear(packed, scales_zeros, bias)
+    n = w.codes.shape[0]
+    pad = -n % 16
+    codes, scale, zero = w.codes, w.scale, w.minimum + 8 * w.scale  # torch's zero: the value of code 8
+    if pad:
+        codes, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scale, zero))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(ACT)
+    return Int4Linear(packed, scales_zeros, n, bias)
 
 
 def int8_linear(w: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
