@@ -26,6 +26,7 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     enable_prefix_caching: bool = True
     quantization: str = "auto"
+    kv_cache_dtype: str = "auto"
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "EngineArgs":
@@ -37,6 +38,7 @@ class EngineArgs:
             attention=args.attention, device=args.device, dtype=args.dtype,
             preemption_mode=args.preemption_mode, enable_prefix_caching=not args.no_prefix_caching,
             quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
 
     def llm_kwargs(self) -> dict:
@@ -76,3 +78,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
                    help="weights: auto (default) runs a GGUF's own 4-bit weights on CPU, anything else "
                    "unquantized; int8 / int4 quantize on load (CPU only)")
+    g.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "float16", "fp8", "int8"),
+                   default="auto", help="KV cache storage; fp8/int8 hold ~4x the blocks of fp32 (default: auto, "
+                   "the model's dtype)")

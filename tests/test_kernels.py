@@ -280,8 +280,22 @@ for tokens, seqs, heads, kv, dim, block, dtype, splits in [
     if splits > 1:
         ptrs["out_ptr"] = PTR[dtype]
         build(pat._merge_splits_kernel, plan.merge_constexprs(), ptrs)
-build(wkv._write_kv_kernel, dict(NUM_KV_HEADS=8, HEAD_DIM=80, HEADS_PAD=8, HEAD_DIM_PAD=128, BLOCK_SIZE=16),
+WRITE = dict(NUM_KV_HEADS=8, HEAD_DIM=80, HEADS_PAD=8, HEAD_DIM_PAD=128, BLOCK_SIZE=16, MIN_SCALE=1e-12)
+build(wkv._write_kv_kernel, dict(WRITE, KV_QUANT=0, QMAX=1.0),
       {**dict.fromkeys(["k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"], "*bf16"), "slot_mapping_ptr": "*i64"})
+# quantized caches: int8 codes, and fp8 codes passed as bytes
+for cache_dtype, code_ptr in ((torch.int8, "*i8"), (torch.float8_e4m3fn, "*u8")):
+    q = torch.empty(8, 32, 80, dtype=torch.bfloat16, device="meta")
+    cache = torch.empty(64, 16, 8, 80, dtype=cache_dtype, device="meta")
+    plan = pat.plan_launch(q, cache, torch.empty(8, 8, dtype=torch.int32, device="meta"), 1)
+    ptrs = {**dict.fromkeys(["out_ptr", "q_ptr", "part_out_ptr", "part_max_ptr", "part_sum_ptr"], "*bf16"),
+            **dict.fromkeys(["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"], "*i32"),
+            **dict.fromkeys(["k_cache_ptr", "v_cache_ptr"], code_ptr),
+            **dict.fromkeys(["k_scale_ptr", "v_scale_ptr"], "*fp32")}
+    build(pat._paged_attention_kernel, plan.constexprs(), ptrs, plan.num_warps)
+    build(wkv._write_kv_kernel, dict(WRITE, KV_QUANT=plan.kv_quant, QMAX=448.0),
+          {**dict.fromkeys(["k_ptr", "v_ptr"], "*bf16"), **dict.fromkeys(["k_cache_ptr", "v_cache_ptr"], code_ptr),
+           **dict.fromkeys(["k_scale_ptr", "v_scale_ptr"], "*fp32"), "slot_mapping_ptr": "*i64"})
 """
 
 

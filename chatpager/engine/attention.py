@@ -3,6 +3,8 @@
 The metadata is built once per step by the ModelRunner and passed explicitly to every layer
 (no global context). A backend is a pair of functions with the contract of
 `chatpager.kernels`: write new K/V into their slots, then attend through the block tables.
+A quantized KV cache (int8 / fp8 codes) passes each layer's (k_scale, v_scale) as `scales`; its
+backend's write quantizes and its attention dequantizes (`chatpager.kernels.kv_quant_torch`).
 """
 from __future__ import annotations
 
@@ -35,22 +37,30 @@ class AttentionBackend:
     # attention, worked out once a step and handed to `attend` as `plan=`
     planner: Callable[..., object] | None = None
 
-    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        kw = {} if scales is None else {"k_scale": scales[0], "v_scale": scales[1]}
+        self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, **kw)
         args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
-        return self.attend(*args) if meta.plan is None else self.attend(*args, plan=meta.plan)
+        return self.attend(*args, **kw) if meta.plan is None else self.attend(*args, plan=meta.plan, **kw)
 
     def plan(self, meta: AttentionMetadata, block_size: int) -> None:
         if self.planner is not None:
             meta.plan = self.planner(meta.block_tables, meta.seq_lens, meta.query_start_loc, block_size)
 
 
-def select_backend(name: str, device: torch.device) -> AttentionBackend:
-    """`auto`: Triton on CUDA, torch elsewhere. `triton` on CPU runs Triton's interpreter."""
+def select_backend(name: str, device: torch.device, kv_quantized: bool = False) -> AttentionBackend:
+    """`auto`: Triton on CUDA, torch elsewhere. `triton` on CPU runs Triton's interpreter.
+    `kv_quantized`: the cache holds int8 / fp8 codes with scales."""
     if name not in BACKENDS:
         raise ValueError(f"attention must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch" and kv_quantized:
+        from chatpager.kernels.kv_quant_torch import (paged_attention_quant_torch, plan_quant_attention,
+                                                      write_kv_quant_torch)
+
+        return AttentionBackend("torch", write_kv_quant_torch, paged_attention_quant_torch, plan_quant_attention)
     if name == "torch":
         return AttentionBackend("torch", write_kv_torch, paged_attention_torch, plan_paged_attention)
     from chatpager.kernels import paged_attention_triton, write_kv_triton

@@ -12,6 +12,10 @@ to the whole context through the block table. The output has q's shape and dtype
 Supported: any GQA ratio (num_heads a multiple of num_kv_heads), any head_dim (padded to a
 power of two >= 16 with masks), any block_size >= 1, fp32/fp16/bf16 (q and cache may differ;
 K/V are cast to q's dtype for the dot products). Softmax statistics and accumulation are fp32.
+A quantized cache (int8 / float8_e4m3fn codes with `k_scale` / `v_scale` [num_blocks,
+block_size, num_kv_heads], see `kv_quant_torch`) is dequantized in the kernel: codes are exact
+in the dot dtype, each key's scale multiplies its score column and each value's scale its
+probability column, which equals dot products with dequantized K and V.
 
 How the work is cut:
 - A program owns BLOCK_Q query tokens of one sequence times the GROUP query heads that share
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chatpager.kernels.kv_quant_torch import code_view, kv_quant_code
 from chatpager.kernels.triton_env import import_triton, interpreting
 
 triton = import_triton()
@@ -45,6 +50,7 @@ import triton.language as tl  # noqa: E402  (triton must come from import_triton
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CACHE_DTYPES = _DTYPES + (torch.int8, torch.float8_e4m3fn)
 
 
 @triton.jit
@@ -62,7 +68,7 @@ def _find_sequence(query_start_loc_ptr, num_seqs, pid, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _paged_attention_kernel(
-    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
     qk_scale, num_seqs, num_splits,
@@ -72,7 +78,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, SPLIT_KV: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
 ):
     # Which sequence, which of its query blocks, which KV head and which KV split.
     pid = tl.program_id(0)
@@ -124,9 +130,16 @@ def _paged_attention_kernel(
         k = tl.load(k_cache_ptr + k_offs, mask=dim_ok[:, None] & pos_ok[None, :], other=0.0)
         v_offs = block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh + dims[None, :]
         v = tl.load(v_cache_ptr + v_offs, mask=pos_ok[:, None] & dim_ok[None, :], other=0.0)
+        if KV_QUANT == 2:  # fp8 codes arrive as bytes
+            k = k.to(tl.float8e4nv, bitcast=True)
+            v = v.to(tl.float8e4nv, bitcast=True)
 
         # Stage 3: scores in log2 units, causal and length masks.
         s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale
+        if KV_QUANT != 0:  # per-key scales: column j of the scores is q . codes_j * k_scale_j
+            scale_at = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head
+            s = s * tl.load(k_scale_ptr + scale_at, mask=pos_ok, other=0.0)[None, :]
+            v_scale = tl.load(v_scale_ptr + scale_at, mask=pos_ok, other=0.0)
         s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
 
         # Stage 4: online softmax: rescale what we have to the new max, add this tile.
@@ -134,7 +147,8 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        pv = p * v_scale[None, :] if KV_QUANT != 0 else p  # weights of the value codes
+        acc = acc * alpha[:, None] + tl.dot(pv.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Stage 5: store. Masked rows may have l_i == 0; divide by 1 there instead of NaN.
@@ -190,6 +204,8 @@ class LaunchPlan:
     num_q_programs: int  # grid axis 0, an upper bound; surplus programs exit at once
     num_splits: int  # grid axis 2; > 1 means split-KV plus the merge kernel
     num_warps: int
+    kv_quant: int  # 0: float cache; 1: int8 codes, 2: fp8 codes (`write_kv_triton.kv_quant_code`)
+    num_kv_heads: int
 
     def constexprs(self) -> dict:
         """The attention kernel's tl.constexpr arguments."""
@@ -198,6 +214,7 @@ class LaunchPlan:
             BLOCK_Q=self.block_q, BLOCK_M=self.block_m, TILE_N=self.tile_n, BLOCK_SIZE=self.block_size,
             SPLIT_KV=self.num_splits > 1, DOT_DTYPE=self.dot_dtype,
             DOT_PRECISION="ieee" if self.dot_dtype == tl.float32 else "tf32",  # fp32 callers get fp32, not TF32
+            KV_QUANT=self.kv_quant, NUM_KV_HEADS=self.num_kv_heads,
         )
 
     def merge_constexprs(self) -> dict:
@@ -230,7 +247,8 @@ def plan_launch(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tens
     return LaunchPlan(head_dim=head_dim, head_dim_pad=head_dim_pad, group=group, group_pad=group_pad,
                       block_q=block_q, block_m=block_m, tile_n=tile_n, block_size=block_size,
                       dot_dtype=_dot_dtype(q.dtype), num_q_programs=num_q_programs, num_splits=num_splits,
-                      num_warps=4 if block_m <= 16 else 8)
+                      num_warps=4 if block_m <= 16 else 8, kv_quant=kv_quant_code(k_cache.dtype),
+                      num_kv_heads=num_kv_heads)
 
 
 def paged_attention_triton(
@@ -243,6 +261,8 @@ def paged_attention_triton(
     scale: float,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paged attention per the module contract; writes into `out` when given and returns it.
 
@@ -250,6 +270,10 @@ def paged_attention_triton(
     long contexts, on a GPU); 1 forces the single-pass kernel; n > 1 forces n KV splits.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, num_splits)
+    quant = kv_quant_code(k_cache.dtype)
+    if quant and (k_scale is None or v_scale is None or k_scale.shape != k_cache.shape[:3]
+                  or not k_scale.is_contiguous() or not v_scale.is_contiguous()):
+        raise ValueError("a quantized cache needs contiguous k_scale / v_scale of shape [blocks, block_size, kv_heads]")
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables, seq_lens, query_start_loc = (
         t.contiguous() for t in (block_tables, seq_lens, query_start_loc))
@@ -268,7 +292,7 @@ def paged_attention_triton(
     else:
         part_out = part_max = part_sum = out  # not touched: SPLIT_KV is off
     _paged_attention_kernel[(plan.num_q_programs, k_cache.shape[2], splits)](
-        out, q, k_cache, v_cache,
+        out, q, code_view(k_cache), code_view(v_cache), k_scale if quant else q, v_scale if quant else q,
         block_tables, seq_lens, query_start_loc,
         part_out, part_max, part_sum,
         scale * _LOG2E, seq_lens.numel(), splits,
@@ -324,9 +348,11 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
         raise ValueError(f"cache head_dim {k_cache.shape[3]} != q head_dim {head_dim}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} dtype {t.dtype} is not one of {_DTYPES}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q dtype {q.dtype} is not one of {_DTYPES}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype not in _CACHE_DTYPES:
+            raise ValueError(f"{name} dtype {t.dtype} is not one of {_CACHE_DTYPES}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must be contiguous in head_dim")
     num_seqs = seq_lens.numel()

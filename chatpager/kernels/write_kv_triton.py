@@ -4,11 +4,16 @@ Same contract as `write_kv_torch`: k, v [num_tokens, num_kv_heads, head_dim];
 k_cache/v_cache [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping [num_tokens]
 with slot = block_id * block_size + offset, or -1 to skip the token. Values are cast to the
 cache dtype. One program per token copies all of its KV heads at once.
+
+A quantized cache (int8 / float8_e4m3fn codes, given with `k_scale` / `v_scale`
+[num_blocks, block_size, num_kv_heads]) stores codes and a scale per (token, head) with the
+rounding of `kv_quant_torch.quantize`, so both backends write the same bytes.
 """
 from __future__ import annotations
 
 import torch
 
+from chatpager.kernels.kv_quant_torch import MIN_SCALE, QMAX, code_view, kv_quant_code
 from chatpager.kernels.triton_env import import_triton, interpreting
 
 triton = import_triton()
@@ -17,11 +22,12 @@ import triton.language as tl  # noqa: E402  (triton must come from import_triton
 
 @triton.jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    KV_QUANT: tl.constexpr, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -37,8 +43,35 @@ def _write_kv_kernel(
     v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
     k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims
     v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if KV_QUANT == 0:
+        tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    else:
+        # the scale slots share the codes' layout without head_dim: [blocks, block_size, kv_heads]
+        scale_at = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + tl.arange(0, HEADS_PAD)
+        head_ok = tl.arange(0, HEADS_PAD) < NUM_KV_HEADS
+        _store_quantized(k.to(tl.float32), k_dst, k_scale_ptr + scale_at, mask, head_ok, KV_QUANT, QMAX, MIN_SCALE)
+        _store_quantized(v.to(tl.float32), v_dst, v_scale_ptr + scale_at, mask, head_ok, KV_QUANT, QMAX, MIN_SCALE)
+
+
+@triton.jit
+def _store_quantized(x, dst, scale_dst, mask, head_ok, KV_QUANT: tl.constexpr, QMAX: tl.constexpr,
+                     MIN_SCALE: tl.constexpr):
+    """x [heads, dims] as codes with one scale per head: amax / QMAX (1: int8, 2: fp8 bytes)."""
+    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(x), 0.0), 1) / QMAX, MIN_SCALE)
+    y = tl.minimum(tl.maximum(x / scale[:, None], -QMAX), QMAX)
+    if KV_QUANT == 1:
+        codes = tl.floor(y + 0.5).to(tl.int8)
+    else:
+        # Round to e4m3's grid first (kv_quant_torch's rule): step 2^(e - 3) from y's exponent
+        # bits, built as float bits so it is exact; the conversion after it then rounds nothing.
+        e = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        step = ((e + 124) << 23).to(tl.float32, bitcast=True)
+        inv_step = ((130 - e) << 23).to(tl.float32, bitcast=True)
+        # fp8 codes travel as their bytes (the cache is passed as a uint8 view)
+        codes = (tl.floor(y * inv_step + 0.5) * step).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    tl.store(dst, codes, mask=mask)
+    tl.store(scale_dst, scale, mask=head_ok)
 
 
 def write_kv_triton(
@@ -47,6 +80,8 @@ def write_kv_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
     if v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.dim() != 4:
@@ -58,6 +93,10 @@ def write_kv_triton(
         raise ValueError(f"slot_mapping must be [num_tokens={num_tokens}], got {tuple(slot_mapping.shape)}")
     if k_cache.device.type != "cuda" and not interpreting():
         raise ValueError(f"Triton kernels need CUDA tensors (got {k_cache.device}) unless TRITON_INTERPRET=1")
+    quant = kv_quant_code(k_cache.dtype)
+    if quant and (k_scale is None or v_scale is None or k_scale.shape != k_cache.shape[:3]
+                  or not k_scale.is_contiguous() or not v_scale.is_contiguous()):
+        raise ValueError("a quantized cache needs contiguous k_scale / v_scale of shape [blocks, block_size, kv_heads]")
     if num_tokens == 0:
         return
     k = k if k.stride(-1) == 1 else k.contiguous()
@@ -65,10 +104,12 @@ def write_kv_triton(
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must be contiguous in head_dim")
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping.contiguous(),
+        k, v, code_view(k_cache), code_view(v_cache), slot_mapping.contiguous(),
+        k_scale if quant else k, v_scale if quant else v,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_SIZE=k_cache.shape[1], KV_QUANT=quant, QMAX=QMAX.get(k_cache.dtype, 1.0), MIN_SCALE=MIN_SCALE,
     )
+
