@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
+from chatpager.engine.beam_search import BeamSearcher, BeamSearchParams
 from chatpager.engine.block_manager import BlockManager
 from chatpager.engine.block_pool import BlockPool
 from chatpager.engine.config import EngineConfig
@@ -54,6 +55,7 @@ class LLMEngine:
         self.step_count = 0
         self.decode_rate = DecodeRate()
         self.recent_cow: deque[tuple[int, int]] = deque(maxlen=32)
+        self.beams = BeamSearcher(self)  # beam groups: advanced from their logits, not sampled
 
     # --- requests ------------------------------------------------------------------------
     @property
@@ -70,6 +72,12 @@ class LLMEngine:
             self.seqs[seq.request_id] = seq
         self.scheduler.add(members[0])  # samples wait in the group until the prompt is prefilled
         return members[0].request_id
+
+    def add_beam_search(self, prompt: str | list[int], params: BeamSearchParams, request_id: str | None = None,
+                        cache_salt: str | None = None) -> str:
+        """Queue a beam search (beam_search.py); it reports once, under the returned id, when it
+        ends: `samples` are its sequences best first (`beams.results[id]` has their scores)."""
+        return self.beams.add(prompt, params, request_id, cache_salt)
 
     def abort(self, request_id: str) -> None:
         """End a request now (a group's leader ends the whole group); reported by the next step.
@@ -128,6 +136,8 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
         rows = [(row, s) for row, i in enumerate(sample_idx) for s in self._with_new_samples(batch.seqs[i])]
+        rows, searched = self.beams.take_rows(rows, logits)
+        outputs.extend(searched)
         tokens = [sample(logits[row], s.params, s.generator) for row, s in rows]
         outputs.extend(self._emit(s, token) for (_, s), token in zip(rows, tokens))
         self.decode_rate.record(len(tokens))
@@ -169,7 +179,7 @@ class LLMEngine:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.swapped_kv = None
-        self.block_manager.free(seq)
+        self.block_manager.free(seq, keep_tail=reason != "error")
         self.seqs.pop(seq.request_id, None)
         return self.outputs.output(seq, new or [])
 
