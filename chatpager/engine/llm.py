@@ -12,6 +12,7 @@ from chatpager.engine.attention import select_backend
 from chatpager.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from chatpager.engine.config import EngineConfig, ModelConfig
 from chatpager.engine.kv_cache import KVCache
+from chatpager.engine.kv_quant import KVFormat, resolve_kv_format
 from chatpager.engine.llm_engine import LLMEngine
 from chatpager.engine.loader import (eos_token_ids, load_hf_config, load_int4_codes, load_state_dict,
                                      load_tokenizer, resolve_model_dir)
@@ -84,9 +85,12 @@ class LLM:
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, quantization: str = "auto",
+                 kv_cache_dtype: str = "auto",
                  progress: Callable[[str, float | None], None] | None = None) -> None:
         """`quantization`: "auto", "none", "int8" or "int4" (`chatpager.engine.quantization`);
-        "auto" runs a GGUF's own 4-bit weights on CPU and everything else unquantized."""
+        "auto" runs a GGUF's own 4-bit weights on CPU and everything else unquantized.
+        `kv_cache_dtype`: "auto" (the model's dtype), "float32", "bfloat16", "float16", "fp8" or
+        "int8" (`chatpager.engine.kv_quant`)."""
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -95,7 +99,8 @@ class LLM:
         if dev.type == "cpu":
             _keep_freed_memory()
         dt = _pick_dtype(dtype, dev)
-        backend = select_backend(attention, dev)
+        kv_format = resolve_kv_format(kv_cache_dtype, dt, dev)
+        backend = select_backend(attention, dev, kv_quantized=kv_format.quantized)
         check_quantization(quantization, dev)
         if progress:
             progress("reading model config", None)
@@ -117,13 +122,14 @@ class LLM:
         self.model = Model(mcfg, weights, dev, dt, max_positions=max_len, quantization=quant,
                            int4_weights=codes)
         del weights
-        kv = KVCache(mcfg.num_layers, self._num_blocks(config, mcfg, dt, dev), block_size,
-                     mcfg.num_kv_heads, mcfg.head_dim, dt, dev)
+        kv = KVCache(mcfg.num_layers, self._num_blocks(config, mcfg, kv_format, dev), block_size,
+                     mcfg.num_kv_heads, mcfg.head_dim, kv_format.storage, dev, scaled=kv_format.quantized)
         runner = ModelRunner(self.model, kv, backend, dev)
         name = "SmolLM2-135M-Instruct" if model is None else os.path.basename(os.path.normpath(str(model)))
         self.model_info = {"name": name, "path": str(model_dir), "device": str(dev),
                            "dtype": str(dt).removeprefix("torch."), "attention": backend.name,
-                           "quantization": quant}
+                           "quantization": quant, "kv_cache_dtype": kv_format.name,
+                           "kv_bytes_per_block": kv.bytes_per_block}
         budget = max_num_batched_tokens or (512 if dev.type == "cpu" else 8192)
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids(model_dir, hf_config, self.tokenizer),
                                 config, max_len, budget, self.model_info)
@@ -131,7 +137,7 @@ class LLM:
             progress("ready", 1.0)
 
     @staticmethod
-    def _num_blocks(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, dev: torch.device) -> int:
+    def _num_blocks(config: EngineConfig, mcfg: ModelConfig, kv_format: KVFormat, dev: torch.device) -> int:
         if config.num_blocks is not None:
             return config.num_blocks
         budget = config.kv_cache_memory
@@ -140,7 +146,7 @@ class LLM:
                 budget = int(torch.cuda.mem_get_info(dev)[0] * CUDA_FREE_MEMORY_FRACTION)
             else:
                 budget = CPU_KV_CACHE_BYTES
-        n = budget // (mcfg.kv_bytes_per_token(dtype) * config.block_size)
+        n = budget // (kv_format.bytes_per_token(mcfg) * config.block_size)
         if n < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes holds not even one block")
         return int(n)
