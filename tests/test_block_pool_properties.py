@@ -51,16 +51,18 @@ class PoolMachine(RuleBasedStateMachine):
     def add(self, tokens, salt):
         seq = Sequence(f"s{self.n}", tokens, SamplingParams(), max_len=10**6, cache_salt=salt)
         self.n += 1
-        hits = self.bm.match_prefix(seq)
-        for i, block in enumerate(hits):  # a hit names the same chain, salt included
+        match = self.bm.match_prefix(seq)
+        for i, block in enumerate(match.blocks):  # a hit names the same chain, salt included
             assert self.chains[block.block_hash] == tuple(tokens[:(i + 1) * BLOCK_SIZE])
             assert self.salts[block.block_hash] == salt
-        new = seq.num_tokens - len(hits) * BLOCK_SIZE
-        if not self.bm.can_admit(hits, new):
+        reused = match.num_tokens(BLOCK_SIZE)
+        assert reused < len(tokens)  # the last token is always computed
+        new = seq.num_tokens - reused
+        if not self.bm.can_admit(match, new):
             return
-        self.bm.admit(seq, hits)
-        copies = self.bm.allocate_slots(seq, new)
-        assert copies == []
+        copies = self.bm.admit(seq, match)
+        more = self.bm.allocate_slots(seq, new)
+        assert more == []  # a fresh sequence never writes a shared block
         self._schedule(seq, new, copies)
         self.live.append(seq)
 
@@ -106,7 +108,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.bm.end_step(computed=False)
         for seq, _ in self.scheduled:
             self.live.remove(seq)
-            self.bm.free(seq)
+            self.bm.free(seq, keep_tail=False)
         self.scheduled, self.copies = [], []
 
     @precondition(lambda self: self.live and not self.scheduled)
@@ -123,7 +125,7 @@ class PoolMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.live and not self.scheduled)
     @rule(data=st.data())
-    def free(self, data):
+    def finish(self, data):
         seq = data.draw(st.sampled_from(self.live))
         self.live.remove(seq)
         self.bm.free(seq)
@@ -151,6 +153,18 @@ class PoolMachine(RuleBasedStateMachine):
             chain = self.chains[h]
             assert self.contents[block.block_id] == list(chain[-BLOCK_SIZE:])
 
+    @invariant()
+    def indexed_blocks_hold_their_tokens(self):  # sub-block reuse: what the index promises
+        if self.scheduled:
+            return
+        indexed = [b for bucket in self.pool.by_first_token.values() for b in bucket]
+        assert len(indexed) == len({b.block_id for b in indexed})
+        for block in indexed:
+            assert (block.parent_key, block.tokens[0]) in self.pool.by_first_token
+            assert self.contents[block.block_id][:len(block.tokens)] == list(block.tokens)
+            if block.block_hash is None:  # a finished sequence's tail: free, so nobody writes it
+                assert block.ref_cnt == 0 and len(block.tokens) < BLOCK_SIZE
+
     def teardown(self):  # invariant 5: when every sequence has ended, every block is free
         if not hasattr(self, "live"):
             return
@@ -168,7 +182,7 @@ def test_lru_evicts_least_recently_freed_and_tail_first():
     pool = BlockPool(4)
     bm = BlockManager(pool, 2)
     seq = Sequence("a", [1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(), max_len=100)
-    bm.admit(seq, [])
+    bm.admit(seq, bm.match_prefix(seq))
     bm.allocate_slots(seq, 8)
     bm.end_step(computed=True)
     seq.num_computed_tokens = 8
@@ -180,7 +194,7 @@ def test_lru_evicts_least_recently_freed_and_tail_first():
     assert pool.evictions == 1
     # the head of the chain is still hittable
     again = Sequence("b", [1, 2, 3, 4, 9], SamplingParams(), max_len=100)
-    assert [b.block_id for b in bm.match_prefix(again)] == table[:2]
+    assert [b.block_id for b in bm.match_prefix(again).blocks] == table[:2]
 
 
 def test_blocks_scheduled_in_a_step_are_hittable_in_that_step_and_dropped_if_it_fails():
@@ -190,10 +204,10 @@ def test_blocks_scheduled_in_a_step_are_hittable_in_that_step_and_dropped_if_it_
     bm.admit(first, bm.match_prefix(first))
     bm.allocate_slots(first, 5)  # scheduled, not yet computed
     second = Sequence("b", [1, 2, 3, 4, 6], SamplingParams(), max_len=100)
-    hits = bm.match_prefix(second)
-    assert hits == first.blocks[:2]
-    bm.admit(second, hits)
+    match = bm.match_prefix(second)
+    assert match.blocks == first.blocks[:2] and match.partial is None  # (block 3 is not written yet)
+    bm.admit(second, match)
     assert [b.ref_cnt for b in first.blocks] == [2, 2, 1]
     bm.end_step(computed=False)  # the forward failed: its blocks were never written
     assert not pool.hash_to_block
-    assert bm.match_prefix(Sequence("c", [1, 2, 3, 4, 7], SamplingParams(), max_len=100)) == []
+    assert bm.match_prefix(Sequence("c", [1, 2, 3, 4, 7], SamplingParams(), max_len=100)).blocks == []

@@ -38,9 +38,10 @@ def test_repeated_prompt_computes_only_its_uncached_tail(llm):
     before = llm.stats()
     second = llm.generate([p], GREEDY)[0]
     after = llm.stats()
-    # (100 - 1) // 16 = 6 full blocks are hits; the last token is always computed
-    assert second.num_cached_tokens == 96
-    assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] == 96
+    # 6 full blocks are hits, and 3 leading tokens of the 7th (copied below block granularity);
+    # the last token is always computed
+    assert second.num_cached_tokens == 99
+    assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] == 99
     assert after["prefix_query_tokens"] - before["prefix_query_tokens"] == 100
     assert second.token_ids == first.token_ids
 
@@ -50,8 +51,9 @@ def test_generated_tokens_are_cached_for_the_next_turn(llm):
     out = llm.generate([p], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
     turn2 = p + list(out.token_ids) + prompt(2, 10)
     second = llm.generate([turn2], GREEDY)[0]
-    # the prompt and all but the last generated token were computed: 69 tokens -> 4 full blocks
-    assert second.num_cached_tokens == 64
+    # the prompt and all but the last generated token were computed: 69 tokens, 4 full blocks
+    # and 5 in the finished turn's last block, which the next turn takes over
+    assert second.num_cached_tokens == 69
 
 
 def test_shared_system_prompt_is_shared_across_running_requests(llm):
@@ -338,3 +340,28 @@ def test_file_logging_records_a_failed_forward_with_its_traceback(tiny_llama, tm
     finally:
         logging.getLogger("chatpager").removeHandler(handler)
         handler.close()
+
+
+def test_reuse_below_block_granularity_keeps_greedy_tokens(tiny_llama):
+    base = prompt(30, 40)
+    variants = [base[:20] + prompt(31, 9),  # diverges inside a cached full block: its slots are copied
+                base + prompt(32, 5),  # extends the finished turn's partly filled last block
+                base[:37] + prompt(33, 6)]  # diverges inside that partial block
+    llm = LLM(model=tiny_llama, block_size=16)
+    first = llm.generate([base], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert first.num_cached_tokens == 0  # 43 tokens computed: 2 full blocks + 11 in the third
+    outs = [llm.generate([v], GREEDY)[0] for v in variants]
+    assert [o.num_cached_tokens for o in outs] == [20, 40, 37]
+    alone = LLM(model=tiny_llama, block_size=16, enable_prefix_caching=False).generate(variants, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert llm.stats()["free_blocks"] == llm.stats()["num_blocks"]
+
+
+def test_a_chat_turn_hits_its_whole_computed_history(tiny_llama):
+    llm = LLM(model=tiny_llama, block_size=16)
+    history = prompt(34, 50)
+    for turn in range(4):
+        out = llm.generate([history], SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True))[0]
+        if turn:  # everything but the newest user message was computed by the previous turn
+            assert out.num_cached_tokens == len(history) - 6
+        history = history + list(out.token_ids) + prompt(35 + turn, 5)

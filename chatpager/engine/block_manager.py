@@ -4,12 +4,19 @@ with copy-on-write, hashing blocks as they fill, fork and free.
 Hash chain: a full block's key = SHA-256(parent key, its token ids), the first block's parent
 being a root key over the extra keys (model identity, the request's cache salt), so equal keys
 name equal token chains under equal extra keys (see block_keys.py).
+Matching on admission: the longest chain of cached full blocks, then, below block
+granularity, the indexed block after that chain sharing the most leading tokens with the
+prompt (a cached full block that diverges midway, or the partly filled last block of a
+finished turn). That block's valid slots are reused: taken if it is a free partial block,
+else copied (the copy runs before the forward). The prompt's last token is always computed.
 Copy-on-write: the only block a step can write into that already holds tokens is the
 sequence's partly filled last block; if it is shared (refcount > 1, after a fork), it is
-replaced by a fresh copy first. Full blocks are never written again.
+replaced by a fresh copy first. Full blocks are never written again, except by the step
+that computes them, which a same-step hit shares (it expects exactly those K/V).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from chatpager.engine.block_keys import BlockKey, block_key, root_key
@@ -19,6 +26,18 @@ from chatpager.engine.sequence import Sequence
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    """What admission can reuse: whole cached blocks, then maybe the leading slots of one more."""
+
+    blocks: list[Block] = field(default_factory=list)
+    partial: Block | None = None
+    partial_tokens: int = 0
+
+    def num_tokens(self, block_size: int) -> int:
+        return len(self.blocks) * block_size + self.partial_tokens
 
 
 class BlockManager:
@@ -48,8 +67,11 @@ class BlockManager:
         hits them in this step reads them after they are written."""
         full = num_tokens // self.block_size
         self._extend_hashes(seq, full)
+        bs = self.block_size
         for i in range(seq.num_registered_blocks, full):
-            if self.pool.cache(seq.blocks[i], seq.block_hashes[i]):
+            parent = seq.block_hashes[i - 1] if i else self.root(seq)
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            if self.pool.cache(seq.blocks[i], seq.block_hashes[i], parent, tokens):
                 self._registered_this_step.append(seq.blocks[i])
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
@@ -62,36 +84,65 @@ class BlockManager:
         self._registered_this_step = []
 
     # --- admission -----------------------------------------------------------------------
-    def match_prefix(self, seq: Sequence) -> list[Block]:
-        """Longest chain of cached full blocks; the last token is always left to compute."""
+    def match_prefix(self, seq: Sequence) -> PrefixMatch:
+        """Longest reusable prefix; the last token is always left to compute."""
+        match = PrefixMatch()
         if not self.pool.enable_caching:
-            return []
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        self._extend_hashes(seq, max_blocks)
-        hits: list[Block] = []
-        for h in seq.block_hashes[:max_blocks]:
+            return match
+        bs, limit = self.block_size, seq.num_tokens - 1
+        self._extend_hashes(seq, limit // bs)
+        for h in seq.block_hashes[:limit // bs]:
             block = self.pool.cached_block(h)
             if block is None:
                 break
-            hits.append(block)
-        return hits
+            match.blocks.append(block)
+        start = len(match.blocks) * bs
+        want = seq.token_ids[start:min(start + bs, limit)]
+        if not want:
+            return match
+        parent = seq.block_hashes[len(match.blocks) - 1] if match.blocks else self.root(seq)
+        pending = {b.block_id for b in self._registered_this_step}  # K/V not written yet: no copy
+        for block in self.pool.candidates(parent, want[0]):
+            if block.block_id in pending:
+                continue
+            n = _common_prefix(block.tokens, want)
+            if n > match.partial_tokens:
+                match.partial, match.partial_tokens = block, n
+        return match
 
-    def can_admit(self, hits: list[Block], num_new_tokens: int) -> bool:
-        new_blocks = cdiv(len(hits) * self.block_size + num_new_tokens, self.block_size) - len(hits)
-        revived = sum(1 for b in hits if b.ref_cnt == 0)  # hits that sit in the free queue
+    def can_admit(self, match: PrefixMatch, num_new_tokens: int) -> bool:
+        full = len(match.blocks)
+        new_blocks = cdiv(match.num_tokens(self.block_size) + num_new_tokens, self.block_size) - full
+        revived = sum(1 for b in match.blocks if b.ref_cnt == 0)  # hits that sit in the free queue
+        if match.partial is not None and match.partial.ref_cnt == 0 and match.partial.block_hash is not None:
+            revived += 1  # a free full block copied from is held while its copy is allocated
         return new_blocks + revived <= self.pool.num_free
 
-    def admit(self, seq: Sequence, hits: list[Block]) -> None:
-        for b in hits:
+    def admit(self, seq: Sequence, match: PrefixMatch) -> list[tuple[int, int]]:
+        """Give `seq` the matched blocks; returns block copies to run before the forward."""
+        for b in match.blocks:
             self.pool.touch(b)
-        seq.blocks = list(hits)
-        seq.num_registered_blocks = len(hits)
-        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.blocks = list(match.blocks)
+        copies = []
+        src = match.partial
+        if src is not None:
+            if src.ref_cnt == 0 and src.block_hash is None:  # a finished turn's tail: take it
+                self.pool.take(src)
+                seq.blocks.append(src)
+            else:  # still in use, or a cached full block worth keeping: copy its slots
+                self.pool.touch(src)  # so allocating the copy cannot evict the source
+                dst = self.pool.allocate()
+                self.pool.free([src])
+                seq.blocks.append(dst)
+                copies.append((src.block_id, dst.block_id))
+        seq.num_registered_blocks = len(match.blocks)
+        seq.num_computed_tokens = match.num_tokens(self.block_size)
         self.prefix_query_tokens += seq.num_tokens
         self.prefix_hit_tokens += seq.num_computed_tokens
         if not seq.admitted:
             seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             seq.admitted = True
+        return copies
 
     # --- growth --------------------------------------------------------------------------
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
@@ -113,7 +164,9 @@ class BlockManager:
             self.cow_copies += 1
         for _ in range(need):
             seq.blocks.append(self.pool.allocate())
-        self._register_full_blocks(seq, seq.num_computed_tokens + num_new_tokens)
+        # proposed tokens may be rejected: their blocks become hittable only once accepted
+        self._register_full_blocks(seq, min(seq.num_computed_tokens + num_new_tokens,
+                                            seq.num_tokens - seq.num_spec_tokens))
         return copies
 
     def allocate_fresh(self, seq: Sequence, num_blocks: int) -> bool:
@@ -130,10 +183,39 @@ class BlockManager:
         child.blocks = list(parent.blocks)
         child.num_registered_blocks = parent.num_registered_blocks
 
-    def free(self, seq: Sequence) -> None:
-        self.pool.free(reversed(seq.blocks))  # tail first: evicted before the shared head
+    def free(self, seq: Sequence, keep_tail: bool = True) -> None:
+        """Release `seq`'s blocks, tail first (evicted before the shared head). With `keep_tail`,
+        a partly filled last block that nobody else holds stays findable by its tokens, so
+        the next turn of a chat reuses it; pass False when the K/V may be incomplete (a failed
+        forward: its block copies may not have run)."""
+        bs, computed = self.block_size, seq.num_computed_tokens
+        full = computed // bs
+        tail = seq.blocks[full] if keep_tail and computed % bs and len(seq.blocks) > full else None
+        self.pool.free(reversed(seq.blocks))
+        if tail is not None and tail.ref_cnt == 0 and tail.block_hash is None:
+            self._extend_hashes(seq, full)
+            parent = seq.block_hashes[full - 1] if full else self.root(seq)
+            self.pool.cache_partial(tail, parent, tuple(seq.token_ids[full * bs:computed]))
         seq.blocks = []
         seq.num_registered_blocks = 0
+
+    def rollback(self, seq: Sequence, num_tokens: int) -> None:
+        """Forget every slot from `num_tokens` on (rejected speculative tokens): blocks that held
+        only such slots go back to the pool. They were never registered (allocate_slots waits
+        for acceptance), so nothing hittable names their contents."""
+        keep = cdiv(num_tokens, self.block_size)
+        dropped, seq.blocks = seq.blocks[keep:], seq.blocks[:keep]
+        self.pool.free(reversed(dropped))
+        del seq.block_hashes[num_tokens // self.block_size:]
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @lru_cache(maxsize=1024)  # one entry per (model, tenant) in use

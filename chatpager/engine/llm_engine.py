@@ -27,6 +27,7 @@ from chatpager.engine.sampler import sample
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.engine.scheduler import ScheduledBatch, Scheduler
 from chatpager.engine.sequence import Sequence, Status
+from chatpager.engine.spec_decode import SpecDecoder, SpeculativeConfig
 from chatpager.engine.stats import DecodeRate, cache_snapshot, engine_stats
 from chatpager.errors import RequestError
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, tokenizer, eos_token_ids: set[int], config: EngineConfig,
-                 max_model_len: int, max_num_batched_tokens: int, model_info: dict) -> None:
+                 max_model_len: int, max_num_batched_tokens: int, model_info: dict,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.config = config
@@ -56,6 +58,7 @@ class LLMEngine:
         self.decode_rate = DecodeRate()
         self.recent_cow: deque[tuple[int, int]] = deque(maxlen=32)
         self.beams = BeamSearcher(self)  # beam groups: advanced from their logits, not sampled
+        self.spec = SpecDecoder(self, speculative)  # n-gram proposals, verified in the forward
 
     # --- requests ------------------------------------------------------------------------
     @property
@@ -120,7 +123,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._finished_out = self._finished_out, []
         self.block_manager.end_step(computed=False)  # no-op, unless the last step raised midway
+        self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
+        self.spec.fit(batch)
         self.step_count += 1
         if not batch:
             return outputs
@@ -130,17 +135,20 @@ class LLMEngine:
         except Exception as exc:  # e.g. out of device memory: fail these requests, keep serving
             log.exception("forward failed for %d sequences: %s", len(batch), [s.request_id for s in batch.seqs])
             self.block_manager.end_step(computed=False)
+            self.spec.withdraw()
             outputs.extend(self._fail(batch, f"{type(exc).__name__}: {exc}"))
             return outputs
         self.block_manager.end_step(computed=True)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
+        sample_idx, logits, verified = self.spec.verify(batch, sample_idx, logits)
+        outputs.extend(verified)
         rows = [(row, s) for row, i in enumerate(sample_idx) for s in self._with_new_samples(batch.seqs[i])]
         rows, searched = self.beams.take_rows(rows, logits)
         outputs.extend(searched)
         tokens = [sample(logits[row], s.params, s.generator) for row, s in rows]
         outputs.extend(self._emit(s, token) for (_, s), token in zip(rows, tokens))
-        self.decode_rate.record(len(tokens))
+        self.decode_rate.record(len(tokens) + sum(len(o.new_token_ids) for o in verified))
         return outputs
 
     def _with_new_samples(self, seq: Sequence) -> list[Sequence]:

@@ -124,15 +124,15 @@ class Scheduler:
             if seq.is_finished:
                 self.waiting.popleft()
                 continue
-            hits = self.bm.match_prefix(seq)
-            n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
-            if not self.bm.can_admit(hits, n):
+            match = self.bm.match_prefix(seq)
+            n = min(seq.num_tokens - match.num_tokens(self.bm.block_size), budget)
+            if not self.bm.can_admit(match, n):
                 break
             self.waiting.popleft()
-            self.bm.admit(seq, hits)
-            copies = self.bm.allocate_slots(seq, n)
+            copies = self.bm.admit(seq, match)
+            copies += self.bm.allocate_slots(seq, n) or []
             seq.status = Status.RUNNING
-            batch.add(seq, n, copies or [])
+            batch.add(seq, n, copies)
             self.running.append(seq)
             budget -= n
 
