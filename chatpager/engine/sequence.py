@@ -39,6 +39,7 @@ class Sequence:
         self.blocks: list[Block] = []
         self.block_hashes: list[bytes] = []  # key chain of the leading full blocks of token_ids
         self.num_registered_blocks = 0  # leading blocks of the table already recorded in the pool
+        self.num_spec_tokens = 0  # trailing tokens proposed for verification: only inside a step
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.swapped_kv: torch.Tensor | None = None  # host copy while swapped out

@@ -68,6 +68,7 @@ def engine_stats(engine: LLMEngine) -> dict:
         "swapped": sum(1 for s in sched.swapped if not s.is_finished),
         "decode_tokens_per_s": engine.decode_rate.per_second(),
         "steps": engine.step_count,
+        **engine.spec.stats(),  # spec_proposed_tokens, spec_accepted_tokens, spec_acceptance_rate, ...
     }
 
 
