@@ -15,7 +15,8 @@ SYSTEM = {"role": "system", "content": "You are a concise assistant."}
 
 @pytest.fixture(scope="module")
 def srv():
-    with serving(None, ServeConfig(port=0)) as running:
+    # built as the `default_llm` reference is (the exact float32 path), so replies can match
+    with serving(None, ServeConfig(port=0), quantization="none", dtype="float32") as running:
         yield running
 
 
@@ -43,5 +44,5 @@ def test_the_second_turn_reports_cached_tokens(srv):
                  {"role": "user", "content": "And why page it?"}]
     second = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
-    assert cached > 0 and cached % 16 == 0  # whole blocks of the first turn's prompt
-    assert cached >= first.usage.prompt_tokens // 16 * 16 - 16
+    # at least the first turn's prompt, but for its last partly filled block, came from the cache
+    assert first.usage.prompt_tokens // 16 * 16 - 16 <= cached < second.usage.prompt_tokens
