@@ -54,8 +54,6 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, EngineArgs]:
     add_serve_args(parser)
     add_engine_args(parser)
     args = parser.parse_args(argv)
-    if args.max_waiting is not None and args.max_waiting < 0:
-        parser.error("--max-waiting must be 0 or more")
     return serve_config(args, args.port), EngineArgs.from_namespace(args)
 
 

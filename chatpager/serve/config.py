@@ -25,8 +25,8 @@ class ServeConfig:
     served_model_name: str | None = None  # None: the loaded model's name
 
     def __post_init__(self) -> None:
-        if self.max_waiting is not None and self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be at least 1, got {self.max_waiting}")
 
 
 def load_api_keys(path: Path) -> dict[str, str]:
