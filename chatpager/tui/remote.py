@@ -17,7 +17,6 @@ from collections.abc import Iterable
 
 from chatpager.engine.loop import Accepted
 from chatpager.serve.bridge import RemoteRequest
-from chatpager.tui.prompts import DEFAULT_PROMPT
 from chatpager.tui.session import Message, Session
 from chatpager.tui.sessions import Sessions
 from chatpager.tui.turns import Turns
@@ -66,7 +65,8 @@ class RemoteTenants:
     def _create(self, request: RemoteRequest, completion: bool) -> Session:
         serial = self._serial[request.tenant] = self._serial.get(request.tenant, 0) + 1
         title = f"⇄ {request.tenant}" + (f" #{serial}" if serial > 1 else "")
-        session = self.sessions.create(DEFAULT_PROMPT, title, stored=False)
+        any_prompt = next(iter(self.sessions.prompts))  # its system prompt is the client's, below
+        session = self.sessions.create(any_prompt, title, stored=False)
         session.prompt_name = request.model  # the sidebar's second word: what it talks to
         session.remote = request.tenant
         self._recent.append(session.id)
