@@ -21,6 +21,7 @@ from chatpager.engine.model_runner import ModelRunner
 from chatpager.engine.outputs import RequestOutput, Sample
 from chatpager.engine.quantization import check_quantization, resolve_quantization
 from chatpager.engine.sampling_params import SamplingParams
+from chatpager.engine.spec_decode import SpeculativeConfig
 from chatpager.errors import ModelLoadError
 
 CPU_KV_CACHE_BYTES = 256 * 2**20
@@ -85,12 +86,18 @@ class LLM:
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  preemption_mode: str = "recompute", max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, quantization: str = "auto",
-                 kv_cache_dtype: str = "auto",
+                 kv_cache_dtype: str = "auto", speculative: str | None = None,
+                 num_speculative_tokens: int = 4, prompt_lookup_max: int = 4, prompt_lookup_min: int = 2,
                  progress: Callable[[str, float | None], None] | None = None) -> None:
         """`quantization`: "auto", "none", "int8" or "int4" (`chatpager.engine.quantization`);
         "auto" runs a GGUF's own 4-bit weights on CPU and everything else unquantized.
         `kv_cache_dtype`: "auto" (the model's dtype), "float32", "bfloat16", "float16", "fp8" or
-        "int8" (`chatpager.engine.kv_quant`)."""
+        "int8" (`chatpager.engine.kv_quant`).
+        `speculative="ngram"`: prompt-lookup speculative decoding (`chatpager.engine.spec_decode`),
+        up to `num_speculative_tokens` proposed per step from an earlier occurrence of the last
+        `prompt_lookup_max` .. `prompt_lookup_min` tokens."""
+        spec = None if speculative in (None, "none") else SpeculativeConfig(
+            speculative, num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
                               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -132,7 +139,7 @@ class LLM:
                            "kv_bytes_per_block": kv.bytes_per_block}
         budget = max_num_batched_tokens or (512 if dev.type == "cpu" else 8192)
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids(model_dir, hf_config, self.tokenizer),
-                                config, max_len, budget, self.model_info)
+                                config, max_len, budget, self.model_info, speculative=spec)
         if progress:
             progress("ready", 1.0)
 

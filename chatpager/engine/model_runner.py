@@ -25,7 +25,8 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
 
     def run(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor]:
-        """Returns (indices into batch.seqs that need a sample, their logits [k, vocab] on CPU)."""
+        """Returns (indices into batch.seqs that need a sample, their logits [k, vocab] on CPU);
+        a sequence with proposed tokens (`num_spec_tokens`) has 1 + that many rows, in order."""
         self.kv_cache.copy_blocks(batch.copies)
         input_ids, positions, slots = [], [], []
         seq_lens, starts, tables, sample_idx, logit_rows = [], [0], [], [], []
@@ -43,7 +44,8 @@ class ModelRunner:
             tables.append(table)
             if end == seq.num_tokens:
                 sample_idx.append(i)
-                logit_rows.append(starts[-1] - 1)
+                # speculative decoding verifies each proposed token: logits at every one of them
+                logit_rows.extend(range(starts[-1] - 1 - seq.num_spec_tokens, starts[-1]))
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
