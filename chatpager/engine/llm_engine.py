@@ -23,7 +23,7 @@ from chatpager.engine.kv_cache import KVCache
 from chatpager.engine.model_runner import ModelRunner
 from chatpager.engine.output_processor import OutputProcessor
 from chatpager.engine.outputs import CacheSnapshot, RequestOutput
-from chatpager.engine.sampler import sample
+from chatpager.engine.sampler import sample_batch
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.engine.scheduler import ScheduledBatch, Scheduler
 from chatpager.engine.sequence import Sequence, Status
@@ -146,7 +146,8 @@ class LLMEngine:
         rows = [(row, s) for row, i in enumerate(sample_idx) for s in self._with_new_samples(batch.seqs[i])]
         rows, searched = self.beams.take_rows(rows, logits)
         outputs.extend(searched)
-        tokens = [sample(logits[row], s.params, s.generator) for row, s in rows]
+        tokens = sample_batch(logits[[row for row, _ in rows]], [s.params for _, s in rows],
+                              [s.generator for _, s in rows]) if rows else []
         outputs.extend(self._emit(s, token) for (_, s), token in zip(rows, tokens))
         self.decode_rate.record(len(tokens) + sum(len(o.new_token_ids) for o in verified))
         return outputs

@@ -20,7 +20,7 @@ from chatpager.engine.gguf_weights import GroupedInt4
 from chatpager.engine.kv_cache import KVCache
 from chatpager.engine.quantization import (DenseLinear, Linear, ShortlistHead, cat_int4, int4_linear, int8_linear,
                                            quantize_int4)
-from chatpager.engine.rope import apply_rope, rope_tables
+from chatpager.engine.rope import apply_rope, rope_for_positions, rope_tables
 from chatpager.errors import ModelLoadError
 
 
@@ -109,18 +109,18 @@ class Model:
         c = self.config
         n = input_ids.shape[0]
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = rope_for_positions(self.cos, self.sin, positions)
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            q, k, v = layer.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(n, c.num_heads, c.head_dim)
-            k = k.view(n, c.num_kv_heads, c.head_dim)
+            qk, v = layer.qkv(x).split([q_size + kv_size, kv_size], dim=-1)
+            qk = qk.view(n, c.num_heads + c.num_kv_heads, c.head_dim)
             v = v.view(n, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, c.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                qk = torch.cat([rms_norm(qk[:, :c.num_heads], layer.q_norm, c.rms_norm_eps),
+                                rms_norm(qk[:, c.num_heads:], layer.k_norm, c.rms_norm_eps)], dim=1)
+            qk = apply_rope(qk, cos, sin)  # q and k rotated together: one set of ops per layer
+            q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
             k_cache, v_cache = kv_cache.layer(i)
             o = attention(q, k, v, k_cache, v_cache, meta, self.scale, scales=kv_cache.layer_scales(i))
             h = h + layer.o(o.reshape(n, q_size))

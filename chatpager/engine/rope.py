@@ -26,8 +26,18 @@ def rope_tables(hf_config, head_dim: int, max_positions: int) -> tuple[torch.Ten
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+def rope_for_positions(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for one step's tokens, shaped to broadcast over heads: cos [n, 1, d], and sin with
+    its first half negated, so that `apply_rope` needs no concatenation."""
+    half = cos.shape[-1] // 2
+    sin = sin[positions]
+    return cos[positions].unsqueeze(1), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; tables from `rope_for_positions`. Hugging Face's
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1): swapping the halves is one
+    flip, the minus sign sits in the table, and the products are the same floats."""
+    n, heads, d = x.shape
+    swapped = x.view(n, heads, 2, d // 2).flip(2).view(n, heads, d)
+    return x * cos + swapped * signed_sin
