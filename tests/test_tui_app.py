@@ -620,3 +620,41 @@ async def test_export_never_overwrites_silently(model, tmp_path, monkeypatch):
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
         await until(pilot, lambda: target.read_text().startswith("# Chat 1"))
+
+
+async def test_the_guided_demo_walks_through_every_step(model, tmp_path):
+    from chatpager.tui.demo import Tour
+
+    prompts = tmp_path / "prompts"  # short prompts (byte tokens) that share a preamble
+    prompts.mkdir()
+    (prompts / "_base.md").write_text("You are a helpful assistant. Be exact, kind and brief. " * 2)
+    for name in ("assistant", "tutor", "pirate", "critic"):
+        (prompts / f"{name}.md").write_text(f"@include _base.md\n\nRole: the {name}, who answers "
+                                            f"as a {name} would.")
+    tenants = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True)
+    app = make_app(model, tmp_path, num_blocks=64, prompts_dir=prompts, swarm_params=tenants,
+                   demo=True)  # as `chatpager --demo` starts
+    async with running(app) as pilot:
+        tour = app.tour
+        assert isinstance(tour, Tour) and tour.index == 0
+        caption = app.main.query_one("#demo-caption")
+        seen = []
+        for step in range(len(tour.steps)):
+            await until(pilot, lambda: tour.ready(), timeout=120)
+            await until(pilot, lambda: "Space / → next step" in str(caption.render())
+                        or "Esc ends the tour" in str(caption.render()))
+            seen.append(tour.step.title)
+            if step == 1:
+                assert app.current.title == "demo B" and app.current.cached_tokens > 0
+            if step == 5:
+                assert "vs contig" in plain(app.main.query_one("CacheStats").content)
+                assert "the memory" in str(caption.render()) or "No sequence" in str(caption.render())
+            if step < len(tour.steps) - 1:
+                await pilot.press("space")
+                assert tour.index == step + 1
+        assert seen == [s.title for s in tour.steps]
+        assert stats(app)["evictions"] > 0 and stats(app)["preemptions"] > 0
+        await pilot.press("escape")
+        await until(pilot, lambda: app.tour is None)
+        assert not caption.display
+        assert [s.title for s in app.sessions.values()] == ["Chat 1"]  # the tour's are gone

@@ -86,3 +86,20 @@ def test_a_history_that_outgrows_the_context_drops_its_oldest_turns(tmp_path):
     assert not session.busy and "context is 8192" in session.error
     assert [m.content for m in turns.sessions.store.load()[0].messages] == [
         "q1", "a1", "q2", "a2", "q3"]  # nothing lost from the store
+
+
+def test_contiguous_need_compares_held_blocks_with_max_length_reservations(tmp_path):
+    from chatpager.engine.outputs import CacheSnapshot, SequenceView
+
+    turns = make_turns(tmp_path)  # max_tokens=8
+    first, second = turns.sessions.create("terse"), turns.sessions.create("terse")
+    turns.send(first, "one")
+    turns.send(second, "two", SamplingParams(max_tokens=100))
+    views = (SequenceView(first.request_id, "running", 30, 31, 30, 0, (0, 1)),
+             SequenceView(second.request_id, "running", 30, 31, 30, 16, (0, 2)),
+             SequenceView("someone-else", "running", 30, 31, 30, 0, (3, 4)))
+    snapshot = CacheSnapshot(step=1, block_size=16, refcounts=(2, 1, 1, 1, 1), hashed=(True,) * 5,
+                             free_order=(), sequences=views, stats={})
+    # held: blocks 0, 1, 2 (0 shared); reserved: ceil(38 / 16) + ceil(130 / 16) = 3 + 9
+    assert turns.contiguous_need(snapshot) == (3, 12)
+    assert turns.contiguous_need(None) is None

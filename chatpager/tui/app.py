@@ -18,6 +18,7 @@ from textual.screen import Screen
 from chatpager.engine.loop import EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
 from chatpager.tui import slash
 from chatpager.tui.config import AppConfig
+from chatpager.tui.demo import Tour
 from chatpager.tui.export import FORMATS, export
 from chatpager.tui.messages import EngineActivity, PromptSubmitted, SessionSelected
 from chatpager.tui.prompts import DEFAULT_PROMPT, load_prompts
@@ -56,6 +57,7 @@ PALETTE = (  # slash commands offered in the command palette, beside /new and /s
     ("/delete", "Delete this session and its messages"),
     ("/export md", "Write this session as Markdown (in the current folder)"),
     ("/export json", "Write this session as JSON (in the current folder)"),
+    ("/demo", "Guided tour of paging: Space / → next step, Esc leaves"),
     (f"/swarm {DEMO_TENANTS}", "Start simulated tenants: watch sharing, eviction and preemption"),
     ("/swarm 0", "Stop every simulated tenant"),
     ("/help", "Show keys and commands"),
@@ -81,6 +83,8 @@ class ChatpagerApp(App, inherit_bindings=False):
                 tooltip="Next session"),
         Binding("f4", "copy_reply", "Copy", show=False, id="chat.copy",
                 tooltip="Copy the last reply to the clipboard (/copy code: its code block)"),
+        Binding("space,right", "demo_next", "Next step", show=False, id="demo.next",
+                tooltip="In the demo (/demo): the next step"),
         Binding("f2", "rename", "Rename", id="session.rename", tooltip="Rename this session"),
         Binding("f8", "delete", "Delete", id="session.delete",
                 tooltip="Delete this session and its messages"),
@@ -106,6 +110,8 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.remote = RemoteTenants(self.sessions, self.turns)
         self.server = None  # the HTTP server (ServerThread) of --serve, once listening
         self.current_id: str = ""
+        self.tour: Tour | None = None  # the guided demo, while it runs
+        self._tour_focus: Session | None = None  # the tour's session last switched to
         self.model_status = "loading…"
         self._picking = False
         self._last_drain = 0.0
@@ -129,6 +135,8 @@ class ChatpagerApp(App, inherit_bindings=False):
             self._start_server()
         if self.config.swarm:
             self.swarm.spawn(self.config.swarm)
+        if self.config.demo:
+            self.start_tour()
         # On the screen, not the app: it stops with the screen's widgets when the app closes.
         self.main.set_interval(self.config.refresh_interval, self._refresh_cache)
         await self._show_current()
@@ -208,7 +216,15 @@ class ChatpagerApp(App, inherit_bindings=False):
         snapshot = self.engine.snapshot
         if snapshot is not None:
             self.turns.observe(snapshot)
-        self.main.show_cache(snapshot, self.current, self.model_status, self.engine.model_info)
+        demo = None
+        if self.tour is not None:
+            demo = (self.tour.caption(), self.tour.highlight())
+            focus = self.tour.focus
+            if focus is not None and focus is not self._tour_focus and focus.id in self.sessions:
+                self._tour_focus = focus  # follow the tour once per step, then the user's choice
+                self.call_later(self._switch_to, focus.id)
+        self.main.show_cache(snapshot, self.current, self.model_status, self.engine.model_info,
+                             self.turns.contiguous_need(snapshot), demo)
         self._refresh_sidebar()
 
     def _refresh_sidebar(self) -> None:
@@ -345,6 +361,32 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.swarm.spawn(count)
         self.notify(f"{count} tenants started: watch the block map")
 
+    async def _slash_demo(self, _: str) -> None:
+        self.start_tour()
+
+    # -- the guided demo --------------------------------------------------------------------------
+    def start_tour(self) -> None:
+        if self.tour is not None:
+            self.tour.end()
+        self.tour = Tour(self.sessions, self.turns, self.swarm, lambda: self.engine.snapshot)
+        self.tour.next()
+        self.main.set_focus(None)  # Space and → now drive the tour, not the input
+
+    def action_demo_next(self) -> None:
+        if self.tour is not None and not self.tour.next():
+            self.call_later(self.end_tour)
+
+    async def end_tour(self) -> None:
+        if self.tour is None:
+            return
+        self.tour.end()
+        self.tour, self._tour_focus = None, None
+        if self.current_id not in self.sessions:
+            ids = list(self.sessions)
+            await self._switch_to(ids[-1] if ids else self.sessions.create(self.default_prompt).id)
+        self._refresh_cache()
+        self.main.focus_input()
+
     async def _slash_help(self, _: str) -> None:
         self.action_help()
 
@@ -362,6 +404,9 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.notify(f"Forked into {fork.title}: its next turn reuses the shared prefix blocks")
 
     def action_stop(self) -> None:
+        if self.tour is not None:
+            self.call_later(self.end_tour)
+            return
         session = self.current
         if self.swarm.is_tenant(session):
             self.swarm.stop(session)

@@ -13,6 +13,7 @@ from chatpager.serve.config import ServeConfig
 from chatpager.tui.prompts import PROMPTS_DIR
 
 DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=512)
+DEMO_NUM_BLOCKS = 96  # the pool of `chatpager --demo`: small enough to fill in a minute
 
 
 def default_data_dir() -> Path:
@@ -23,6 +24,7 @@ def default_data_dir() -> Path:
 class AppConfig:
     engine: EngineArgs = field(default_factory=EngineArgs)  # what LLM(...) is built with
     swarm: int = 0  # tenants to start with
+    demo: bool = False  # start the guided demo
     data_dir: Path = field(default_factory=default_data_dir)
     params: SamplingParams = field(  # a session's /set overrides its own copy
         default_factory=lambda: dataclasses.replace(DEFAULT_PARAMS))

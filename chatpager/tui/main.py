@@ -6,6 +6,7 @@ transformers) loads on the engine thread.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from chatpager.engine.sampling_params import SamplingParams
 from chatpager.engine_args import EngineArgs, add_engine_args
 from chatpager.serve.cli import add_serve_args, serve_config
 from chatpager.serve.config import DEFAULT_PORT
-from chatpager.tui.config import DEFAULT_PARAMS, AppConfig, default_data_dir
+from chatpager.tui.config import DEFAULT_PARAMS, DEMO_NUM_BLOCKS, AppConfig, default_data_dir
 from chatpager.tui.prompts import PROMPTS_DIR, load_prompts
 
 
@@ -24,6 +25,9 @@ def parse_args(argv: list[str]) -> AppConfig:
     )
     parser.add_argument("--version", action="version", version=f"chatpager {_version()}")
     parser.add_argument("--swarm", type=int, default=0, metavar="N", help="start N simulated tenants")
+    parser.add_argument("--demo", action="store_true",
+                        help=f"start the guided tour of paging (on a {DEMO_NUM_BLOCKS}-block pool "
+                             f"unless --num-blocks or --kv-cache-memory is given)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help=f"where conversations are stored (default: {default_data_dir()})")
     parser.add_argument("--prompts-dir", type=Path, default=PROMPTS_DIR, metavar="DIR",
@@ -50,9 +54,13 @@ def parse_args(argv: list[str]) -> AppConfig:
         parser.error(str(error))
     if not args.prompts_dir.is_dir() or not load_prompts(args.prompts_dir):
         parser.error(f"--prompts-dir {args.prompts_dir}: no folder with NAME.md prompt files there")
+    engine = EngineArgs.from_namespace(args)
+    if args.demo and engine.num_blocks is None and engine.kv_cache_memory is None:
+        engine = dataclasses.replace(engine, num_blocks=DEMO_NUM_BLOCKS)  # fills in a minute
     return AppConfig(
-        engine=EngineArgs.from_namespace(args),
+        engine=engine,
         swarm=args.swarm,
+        demo=args.demo,
         data_dir=args.data_dir or default_data_dir(),
         serve=None if args.serve is None else serve_config(args, args.serve),
         params=params,

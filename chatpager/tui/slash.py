@@ -35,6 +35,7 @@ COMMANDS: tuple[SlashCommand, ...] = (
     SlashCommand("clear", "", "Clear this session's messages"),
     SlashCommand("export", "[md|json] [path]", "Write this session to a file (asks before replacing one)"),
     SlashCommand("swarm", "N", "Start N simulated tenants (0 stops them)"),
+    SlashCommand("demo", "", "Guided tour of paging: Space / → next step, Esc leaves"),
     SlashCommand("help", "", "Show keys and commands"),
 )
 _BY_NAME = {command.name: command for command in COMMANDS}

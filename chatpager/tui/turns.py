@@ -91,6 +91,21 @@ class Turns:
         """The app's sampling parameters with the session's own settings (/set) applied."""
         return dataclasses.replace(self.params, **session.settings)
 
+    def contiguous_need(self, snapshot: CacheSnapshot | None) -> tuple[int, int] | None:
+        """For this app's sequences now in the pool: (blocks they hold, blocks a contiguous
+        allocator would reserve, each sequence's prompt plus max_tokens); None if there are none."""
+        if snapshot is None:
+            return None
+        held: set[int] = set()
+        reserved = 0
+        for view in snapshot.sequences:
+            turn = self._turns.get(view.request_id)
+            if turn is None or turn.params is None or not view.block_table:
+                continue
+            held.update(view.block_table)
+            reserved += -(-(view.num_prompt_tokens + turn.params.max_tokens) // snapshot.block_size)
+        return (len(held), reserved) if held else None
+
     def fork(self, source: Session) -> Session:
         """A new session with the same history; a reply being generated is forked too, and
         both continue from the same blocks."""

@@ -44,6 +44,7 @@ class MainScreen(Screen):
         super().__init__()
         self.prompt_names = list(prompt_names)
         self._cache_shown: tuple = ()  # what show_cache last drew from
+        self._demo_caption: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -54,6 +55,7 @@ class MainScreen(Screen):
                 yield SlashHints(id="slash-hints")
                 yield PromptInput(self.prompt_names, id="prompt")
             with Vertical(id="cache"):
+                yield Static(id="demo-caption", markup=False)
                 yield Static("KV cache — block map", classes="panel-title")
                 yield BlockMap(id="block-map")
                 yield Legend(id="legend")
@@ -81,10 +83,15 @@ class MainScreen(Screen):
         session: Session,
         model_status: str,
         model_info: dict | None,
+        contiguous: tuple[int, int] | None = None,
+        demo: tuple[str, set[int]] | None = None,
     ) -> None:
         """The block map, counters and block table, with `session`'s blocks highlighted;
-        before the model has loaded, its status."""
-        shown = (snapshot, session.id, session.state, session.tokens, session.title, model_status)
+        before the model has loaded, its status. `demo`: the tour's caption and the blocks
+        it points at (highlighted instead)."""
+        self._show_demo(demo[0] if demo else None)
+        shown = (snapshot, session.id, session.state, session.tokens, session.title, model_status,
+                 demo)
         if shown == self._cache_shown:  # nothing new: leave the widgets (and the screen) alone
             return
         self._cache_shown = shown
@@ -98,13 +105,21 @@ class MainScreen(Screen):
             if session.request_id and view.request_id.split(".")[0] == session.request_id
         ]
         block_map = self.query_one(BlockMap)
-        block_map.show(snapshot, {block for view in views for block in view.block_table})
-        stats.show(snapshot.stats, model_info)
+        focus = demo[1] if demo else {block for view in views for block in view.block_table}
+        block_map.show(snapshot, focus)
+        stats.show(snapshot.stats, model_info, contiguous)
         self.query_one(BlockTable).show(
             views, snapshot.refcounts, snapshot.block_size, block_map.copied_blocks,
             idle_note(session),
         )
         self.query_one(ChatView).show_state(session)
+
+    def _show_demo(self, caption: str | None) -> None:
+        if caption != self._demo_caption:
+            self._demo_caption = caption
+            label = self.query_one("#demo-caption", Static)
+            label.update(caption or "")
+            label.display = caption is not None
 
     def on_text_area_changed(self, event: PromptInput.Changed) -> None:
         self.query_one(SlashHints).show_for(event.text_area.text)

@@ -10,7 +10,9 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f} %"
 
 
-def stats_table(stats: dict, model_info: dict) -> Table:
+def stats_table(stats: dict, model_info: dict, contiguous: tuple[int, int] | None = None) -> Table:
+    """`contiguous`: (blocks held, blocks a contiguous allocator would reserve) for the
+    sequences running now, see Turns.contiguous_need."""
     table = Table.grid(padding=(0, 1))
     table.add_column(style="bold")
     table.add_column(no_wrap=True, overflow="ellipsis")
@@ -43,14 +45,19 @@ def stats_table(stats: dict, model_info: dict) -> Table:
     )
     running = stats["running"] > 0
     table.add_row("decode", f"{stats['decode_tokens_per_s']:.1f} tok/s" if running else "idle")
+    if contiguous is None:
+        table.add_row("vs contig", "—")
+    else:
+        held, reserved = contiguous
+        table.add_row("vs contig", f"{held} held · contiguous {reserved} ({reserved / held:.1f}×)")
     return table
 
 
 class CacheStats(Static):
     """A fixed number of lines (see the stylesheet), so updates need no new layout."""
 
-    def show(self, stats: dict, model_info: dict) -> None:
-        self.update(stats_table(stats, model_info), layout=False)
+    def show(self, stats: dict, model_info: dict, contiguous: tuple[int, int] | None = None) -> None:
+        self.update(stats_table(stats, model_info, contiguous), layout=False)
 
     def show_status(self, model_status: str) -> None:
         """Before there are stats: the model's loading state."""
