@@ -27,6 +27,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     quantization: str = "auto"
     kv_cache_dtype: str = "auto"
+    speculative: str | None = None  # "ngram": prompt-lookup speculative decoding
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "EngineArgs":
@@ -39,6 +43,8 @@ class EngineArgs:
             preemption_mode=args.preemption_mode, enable_prefix_caching=not args.no_prefix_caching,
             quantization=args.quantization,
             kv_cache_dtype=args.kv_cache_dtype,
+            speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+            prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
         )
 
     def llm_kwargs(self) -> dict:
@@ -81,3 +87,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "float16", "fp8", "int8"),
                    default="auto", help="KV cache storage; fp8/int8 hold ~4x the blocks of fp32 (default: auto, "
                    "the model's dtype)")
+    g.add_argument("--speculative", choices=("ngram",), default=None,
+                   help="speculative decoding: ngram proposes the tokens that followed an earlier "
+                   "occurrence of the last few tokens (fast on edits and quotes of the input; off by default)")
+    g.add_argument("--num-speculative-tokens", type=_positive(int), default=4,
+                   help="tokens proposed per step with --speculative (default: 4)")
+    g.add_argument("--prompt-lookup-max", type=_positive(int), default=4,
+                   help="longest suffix (tokens) --speculative ngram looks up (default: 4)")
+    g.add_argument("--prompt-lookup-min", type=_positive(int), default=2,
+                   help="shortest suffix (tokens) --speculative ngram looks up (default: 2)")

@@ -238,3 +238,21 @@ def test_default_model_copies_a_given_text_faster_and_identically(default_llm):
         engine.spec = spec_decode.SpecDecoder(engine, None)
     assert list(out.token_ids) == want
     assert stats["spec_acceptance_rate"] > 0.3 and stats["spec_tokens_per_step"] > 1.5
+
+
+def test_command_line_flags_reach_the_engine_and_bad_settings_are_clear_errors(tiny_llama):
+    import argparse
+
+    from chatpager.engine_args import EngineArgs, add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--model", tiny_llama, "--num-blocks", "64", "--speculative", "ngram",
+                              "--num-speculative-tokens", "3", "--prompt-lookup-max", "5"])
+    llm = LLM(**EngineArgs.from_namespace(args).llm_kwargs())
+    assert llm.engine.spec.config == SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=5)
+    assert LLM(model=tiny_llama, num_blocks=64).engine.spec.config is None  # off by default
+    with pytest.raises(ValueError, match="prompt_lookup_min"):
+        LLM(model=tiny_llama, num_blocks=64, speculative="ngram", prompt_lookup_min=5, prompt_lookup_max=3)
+    with pytest.raises(ValueError, match="speculative"):
+        LLM(model=tiny_llama, num_blocks=64, speculative="eagle")
