@@ -276,14 +276,14 @@ for tokens, seqs, heads, kv, dim, block, dtype, splits in [
     ptrs = dict.fromkeys(["out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr"], PTR[dtype])
     ptrs.update(dict.fromkeys(["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"], "*i32"))
     ptrs.update(dict.fromkeys(["part_out_ptr", "part_max_ptr", "part_sum_ptr"], "*fp32" if splits > 1 else PTR[dtype]))
-    build(pat._paged_attention_kernel, plan.constexprs(), ptrs, plan.num_warps)
+    build(pat._paged_attention_kernel, {**plan.constexprs(), "SLIDING": False}, ptrs, plan.num_warps)
     if splits > 1:
         ptrs["out_ptr"] = PTR[dtype]
         build(pat._merge_splits_kernel, plan.merge_constexprs(), ptrs)
 WRITE = dict(NUM_KV_HEADS=8, HEAD_DIM=80, HEADS_PAD=8, HEAD_DIM_PAD=128, BLOCK_SIZE=16, MIN_SCALE=1e-12)
 build(wkv._write_kv_kernel, dict(WRITE, KV_QUANT=0, QMAX=1.0),
       {**dict.fromkeys(["k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr"], "*bf16"), "slot_mapping_ptr": "*i64"})
-# quantized caches: int8 codes, and fp8 codes passed as bytes
+# quantized caches (int8 codes, fp8 codes passed as bytes) with a sliding window
 for cache_dtype, code_ptr in ((torch.int8, "*i8"), (torch.float8_e4m3fn, "*u8")):
     q = torch.empty(8, 32, 80, dtype=torch.bfloat16, device="meta")
     cache = torch.empty(64, 16, 8, 80, dtype=cache_dtype, device="meta")
@@ -292,7 +292,7 @@ for cache_dtype, code_ptr in ((torch.int8, "*i8"), (torch.float8_e4m3fn, "*u8"))
             **dict.fromkeys(["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"], "*i32"),
             **dict.fromkeys(["k_cache_ptr", "v_cache_ptr"], code_ptr),
             **dict.fromkeys(["k_scale_ptr", "v_scale_ptr"], "*fp32")}
-    build(pat._paged_attention_kernel, plan.constexprs(), ptrs, plan.num_warps)
+    build(pat._paged_attention_kernel, {**plan.constexprs(), "SLIDING": True}, ptrs, plan.num_warps)  # + a window
     build(wkv._write_kv_kernel, dict(WRITE, KV_QUANT=plan.kv_quant, QMAX=448.0),
           {**dict.fromkeys(["k_ptr", "v_ptr"], "*bf16"), **dict.fromkeys(["k_cache_ptr", "v_cache_ptr"], code_ptr),
            **dict.fromkeys(["k_scale_ptr", "v_scale_ptr"], "*fp32"), "slot_mapping_ptr": "*i64"})

@@ -5,6 +5,8 @@ The metadata is built once per step by the ModelRunner and passed explicitly to 
 `chatpager.kernels`: write new K/V into their slots, then attend through the block tables.
 A quantized KV cache (int8 / fp8 codes) passes each layer's (k_scale, v_scale) as `scales`; its
 backend's write quantizes and its attention dequantizes (`chatpager.kernels.kv_quant_torch`).
+A model with a sliding window (every layer the same W) gets a backend that holds W: each query
+attends to its last W positions, and table entries before every query's window are not read.
 """
 from __future__ import annotations
 
@@ -36,22 +38,28 @@ class AttentionBackend:
     # (block_tables, seq_lens, query_start_loc, block_size) -> plan: the layer-independent part of
     # attention, worked out once a step and handed to `attend` as `plan=`
     planner: Callable[..., object] | None = None
+    sliding_window: int | None = None
 
     def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                  scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         kw = {} if scales is None else {"k_scale": scales[0], "v_scale": scales[1]}
         self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, **kw)
+        if self.sliding_window:
+            kw["sliding_window"] = self.sliding_window
         args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
         return self.attend(*args, **kw) if meta.plan is None else self.attend(*args, plan=meta.plan, **kw)
 
     def plan(self, meta: AttentionMetadata, block_size: int) -> None:
         if self.planner is not None:
-            meta.plan = self.planner(meta.block_tables, meta.seq_lens, meta.query_start_loc, block_size)
+            meta.plan = self.planner(meta.block_tables, meta.seq_lens, meta.query_start_loc, block_size,
+                                     self.sliding_window)
 
 
-def select_backend(name: str, device: torch.device, kv_quantized: bool = False) -> AttentionBackend:
+def select_backend(name: str, device: torch.device, kv_quantized: bool = False,
+                   sliding_window: int | None = None) -> AttentionBackend:
     """`auto`: Triton on CUDA, torch elsewhere. `triton` on CPU runs Triton's interpreter.
-    `kv_quantized`: the cache holds int8 / fp8 codes with scales."""
+    `kv_quantized`: the cache holds int8 / fp8 codes with scales. `sliding_window`: every
+    layer's window, None for full attention."""
     if name not in BACKENDS:
         raise ValueError(f"attention must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
@@ -60,10 +68,11 @@ def select_backend(name: str, device: torch.device, kv_quantized: bool = False) 
         from chatpager.kernels.kv_quant_torch import (paged_attention_quant_torch, plan_quant_attention,
                                                       write_kv_quant_torch)
 
-        return AttentionBackend("torch", write_kv_quant_torch, paged_attention_quant_torch, plan_quant_attention)
+        return AttentionBackend("torch", write_kv_quant_torch, paged_attention_quant_torch, plan_quant_attention,
+                                sliding_window)
     if name == "torch":
-        return AttentionBackend("torch", write_kv_torch, paged_attention_torch, plan_paged_attention)
+        return AttentionBackend("torch", write_kv_torch, paged_attention_torch, plan_paged_attention, sliding_window)
     from chatpager.kernels import paged_attention_triton, write_kv_triton
 
     label = "triton" if device.type == "cuda" else "triton (interpreter)"
-    return AttentionBackend(label, write_kv_triton, paged_attention_triton)
+    return AttentionBackend(label, write_kv_triton, paged_attention_triton, sliding_window=sliding_window)

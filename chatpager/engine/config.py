@@ -61,6 +61,16 @@ class ModelConfig:
             hf_config=hf,
         )
 
+    @property
+    def uniform_sliding_window(self) -> int | None:
+        """The window when every layer has it (Mistral; Qwen2 windowing all its layers), else None.
+        Qwen2's `max_window_layers` leaves its first layers full: such mixed models are not windowed
+        here (they run full attention, capped at the window)."""
+        types = getattr(self.hf_config, "layer_types", None) or ()
+        if not self.sliding_window or any(t != "sliding_attention" for t in types):
+            return None
+        return self.sliding_window
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem

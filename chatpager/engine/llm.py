@@ -71,7 +71,7 @@ def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 def _model_max_len(cfg: ModelConfig) -> int:
     limit = cfg.max_position_embeddings
-    if cfg.sliding_window:  # we attend to the whole context: stay inside the window
+    if cfg.sliding_window and not cfg.uniform_sliding_window:  # full attention on mixed layers: stay inside
         limit = min(limit, cfg.sliding_window)
     params = getattr(cfg.hf_config, "rope_parameters", None) or getattr(cfg.hf_config, "rope_scaling", None) or {}
     if params.get("rope_type", params.get("type")) == "dynamic":
@@ -107,13 +107,14 @@ class LLM:
             _keep_freed_memory()
         dt = _pick_dtype(dtype, dev)
         kv_format = resolve_kv_format(kv_cache_dtype, dt, dev)
-        backend = select_backend(attention, dev, kv_quantized=kv_format.quantized)
         check_quantization(quantization, dev)
         if progress:
             progress("reading model config", None)
         model_dir = resolve_model_dir(model, progress)
         hf_config = load_hf_config(model_dir)
         mcfg = ModelConfig.from_hf(hf_config)
+        backend = select_backend(attention, dev, kv_quantized=kv_format.quantized,
+                                 sliding_window=mcfg.uniform_sliding_window)
         limit = _model_max_len(mcfg)
         if max_model_len is not None and max_model_len > limit:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's limit {limit}")

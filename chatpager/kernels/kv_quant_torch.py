@@ -94,26 +94,30 @@ class QuantAttentionPlan:
 
 
 def plan_quant_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                         block_size: int) -> QuantAttentionPlan:
-    width = block_tables.shape[1]
-    live = torch.arange(width, device=block_tables.device) < (seq_lens.long() + block_size - 1).div(
-        block_size, rounding_mode="floor").unsqueeze(1)  # entries past a row's context are padding
+                         block_size: int, sliding_window: int | None = None) -> QuantAttentionPlan:
+    entry = torch.arange(block_tables.shape[1], device=block_tables.device)
+    seq_lens = seq_lens.long()
+    live = entry < (seq_lens + block_size - 1).div(block_size, rounding_mode="floor").unsqueeze(1)  # not padding
+    if sliding_window:  # nor wholly before the window of the row's first query (maybe a freed entry)
+        first_query = seq_lens - query_start_loc.diff().long()
+        live &= entry >= (first_query - sliding_window + 1).clamp_min(0).div(block_size, rounding_mode="floor")[:, None]
     blocks = torch.unique(block_tables[live].long())  # sorted
     compact = torch.searchsorted(blocks, block_tables.long()).clamp_max(blocks.numel() - 1)
     compact = torch.where(live, compact, 0).to(torch.int32)
-    return QuantAttentionPlan(blocks, compact, plan_paged_attention(compact, seq_lens, query_start_loc, block_size))
+    return QuantAttentionPlan(blocks, compact, plan_paged_attention(compact, seq_lens, query_start_loc, block_size,
+                                                                    sliding_window))
 
 
 def paged_attention_quant_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                                 scale: float, out: torch.Tensor | None = None,
                                 plan: QuantAttentionPlan | None = None, k_scale: torch.Tensor | None = None,
-                                v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                                v_scale: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
     """`paged_attention_torch`'s contract over a quantized cache (codes + scales)."""
     if k_scale is None or v_scale is None:
         raise ValueError("a quantized KV cache needs k_scale and v_scale")
     if plan is None:
-        plan = plan_quant_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
+        plan = plan_quant_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window)
     k = dequantize(k_cache.index_select(0, plan.blocks), k_scale.index_select(0, plan.blocks), q.dtype)
     v = dequantize(v_cache.index_select(0, plan.blocks), v_scale.index_select(0, plan.blocks), q.dtype)
     return paged_attention_torch(q, k, v, plan.block_tables, seq_lens, query_start_loc, scale, out=out,

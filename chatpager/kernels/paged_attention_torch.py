@@ -22,6 +22,10 @@ made once per step from the metadata alone (`plan_paged_attention`), says what e
 - Prefill chunks (several queries) go one sequence at a time over that sequence's own blocks:
   no padding to the longest sequence, so a long chunk batched with short ones costs what it
   computes.
+- A sliding window (`sliding_window` W: each query sees its last W positions, itself included)
+  drops every block wholly before a row's window from its table (never read: it may be a freed,
+  null entry) and masks the positions before the window in the first block kept; rows are
+  then not split by shared prefix.
 Masked keys add exactly zero, so grouping and padding do not change a row's result. Splitting
 off a shared prefix does, at the level of float rounding (the log-sum-exp merge), and whether
 it happens depends on the other rows of the step: invariant 6 holds up to that tolerance.
@@ -70,22 +74,25 @@ class TorchAttentionPlan:
 
 
 def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                         block_size: int) -> TorchAttentionPlan:
+                         block_size: int, sliding_window: int | None = None) -> TorchAttentionPlan:
     """Everything about a step's attention that does not depend on the layer."""
     dev = block_tables.device
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     tables = block_tables.tolist()
     plan = TorchAttentionPlan()
-    decode: list[tuple[int, list[int], int]] = []  # (token row, blocks, keys) still to attend
+    decode: list[tuple[int, list[int], int, int]] = []  # (token row, blocks, keys, first visible key)
     by_first: dict[int, list[int]] = {}
     for i, n in enumerate(lens):
         table = tables[i][:-(-n // block_size)]
         if starts[i + 1] - starts[i] > 1:
-            plan.prefills.append(_plan_prefill(table, n, starts[i], starts[i + 1], block_size, dev))
+            plan.prefills.append(_plan_prefill(table, n, starts[i], starts[i + 1], block_size, dev, sliding_window))
+        elif sliding_window and n > sliding_window:
+            first = (n - sliding_window) // block_size  # blocks wholly before the window
+            decode.append((starts[i], table[first:], n - first * block_size, n - sliding_window - first * block_size))
         else:
             by_first.setdefault(table[0], []).append(len(decode))
-            decode.append((starts[i], table, n))
-    for members in by_first.values():
+            decode.append((starts[i], table, n, 0))
+    for members in by_first.values() if not sliding_window else ():
         if len(members) > 1:
             _split_shared_prefix(plan, decode, members, block_size, dev)
     _group_rows(plan, decode, block_size, dev)
@@ -93,13 +100,19 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
 
 
 def _plan_prefill(table: list[int], seq_len: int, start: int, end: int, block_size: int,
-                  dev: torch.device) -> _Prefill:
+                  dev: torch.device, window: int | None = None) -> _Prefill:
     q_len = end - start
+    first = max(0, seq_len - q_len - window + 1) // block_size if window else 0  # blocks no query sees
+    table = table[first:]
     mask = None
-    if seq_len != q_len:  # cached context before the chunk: query j sits at seq_len - q_len + j
+    if seq_len != q_len or window:  # cached context before the chunk: query j sits at seq_len - q_len + j
         ctx = len(table) * block_size
         q_pos = torch.arange(seq_len - q_len, seq_len, device=dev).unsqueeze(1)
-        mask = (torch.arange(ctx, device=dev) <= q_pos).view(1, 1, q_len, ctx)
+        k_pos = torch.arange(first * block_size, first * block_size + ctx, device=dev)
+        visible = k_pos <= q_pos
+        if window:
+            visible &= k_pos > q_pos - window
+        mask = visible.view(1, 1, q_len, ctx)
     return _Prefill(start, end, torch.tensor(table, dtype=torch.long, device=dev), mask)
 
 
@@ -116,8 +129,8 @@ def _split_shared_prefix(plan: TorchAttentionPlan, decode: list, members: list[i
     plan.shared.append(_Shared(torch.tensor([decode[m][0] for m in members], dtype=torch.long, device=dev),
                                torch.tensor(tables[0][:p], dtype=torch.long, device=dev)))
     for m in members:
-        row, table, n = decode[m]
-        decode[m] = (row, table[p:], n - p * block_size)
+        row, table, n, _ = decode[m]
+        decode[m] = (row, table[p:], n - p * block_size, 0)
 
 
 def _group_rows(plan: TorchAttentionPlan, decode: list, block_size: int, dev: torch.device) -> None:
@@ -131,11 +144,15 @@ def _group_rows(plan: TorchAttentionPlan, decode: list, block_size: int, dev: to
                 break
             nblk, last = nb, last + 1
         group = decode[first:last]
-        blocks = [b for _, t, _ in group for b in t + [0] * (nblk - len(t))]
-        keys = torch.tensor([n for _, _, n in group], device=dev).unsqueeze(1)
+        blocks = [b for _, t, _, _ in group for b in t + [0] * (nblk - len(t))]
+        keys = torch.tensor([n for _, _, n, _ in group], device=dev).unsqueeze(1)
         mask = torch.zeros(len(group), nblk * block_size, device=dev)
-        mask.masked_fill_(torch.arange(nblk * block_size, device=dev) >= keys, float("-inf"))
-        plan.rows.append(_Rows(torch.tensor([r for r, _, _ in group], dtype=torch.long, device=dev),
+        key_idx = torch.arange(nblk * block_size, device=dev)
+        mask.masked_fill_(key_idx >= keys, float("-inf"))
+        if any(lo for _, _, _, lo in group):  # sliding window: keys before it are out too
+            mask.masked_fill_(key_idx < torch.tensor([lo for _, _, _, lo in group], device=dev).unsqueeze(1),
+                              float("-inf"))
+        plan.rows.append(_Rows(torch.tensor([r for r, _, _, _ in group], dtype=torch.long, device=dev),
                                torch.tensor(blocks, dtype=torch.long, device=dev),
                                mask.view(len(group), 1, 1, -1)))
         first = last
@@ -151,13 +168,15 @@ def paged_attention_torch(
     scale: float,
     out: torch.Tensor | None = None,
     plan: TorchAttentionPlan | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
+    """`sliding_window` is used only when there is no `plan` (a plan already holds it)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if plan is None:
-        plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1])
+        plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window)
     if out is None:
         out = q.new_empty(num_tokens, num_heads, head_dim)
     lse = q.new_empty(num_tokens, num_heads, dtype=torch.float32) if plan.shared else None

@@ -71,13 +71,13 @@ def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     part_out_ptr, part_max_ptr, part_sum_ptr,
-    qk_scale, num_seqs, num_splits,
+    qk_scale, num_seqs, num_splits, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SPLIT_KV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SPLIT_KV: tl.constexpr, SLIDING: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_QUANT: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
 ):
     # Which sequence, which of its query blocks, which KV head and which KV split.
@@ -109,10 +109,14 @@ def _paged_attention_kernel(
 
     # Keys up to this block's last query; with SPLIT_KV this program takes one share of them.
     kv_end = cached + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
-    num_tiles = tl.cdiv(kv_end, TILE_N)
+    # With a sliding window the block's first query sees keys from kv_start on; earlier tiles
+    # are skipped and earlier positions never read (their blocks may be freed: null entries).
+    kv_start = tl.maximum(cached + q_block * BLOCK_Q - window + 1, 0) if SLIDING else 0
+    first_tile = kv_start // TILE_N
+    num_tiles = tl.cdiv(kv_end, TILE_N) - first_tile
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    tile_lo = first_tile + split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)
 
     # Running max of scores (log2 units). It starts finite, not -inf, so that exp2(m_i - m_new)
     # is never exp2(-inf - -inf) = NaN for a row that has seen no visible key yet (a KV split).
@@ -123,7 +127,7 @@ def _paged_attention_kernel(
     for tile in range(tile_lo, tile_hi):
         # Stage 2: find each key position's slot through the block table, load K^T and V.
         pos = tile * TILE_N + tl.arange(0, TILE_N)
-        pos_ok = pos < kv_end
+        pos_ok = (pos < kv_end) & (pos >= kv_start)
         block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         offset = pos % BLOCK_SIZE
         k_offs = block[None, :] * stride_kb + offset[None, :] * stride_ks + kv_head * stride_kh + dims[:, None]
@@ -140,7 +144,10 @@ def _paged_attention_kernel(
             scale_at = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head
             s = s * tl.load(k_scale_ptr + scale_at, mask=pos_ok, other=0.0)[None, :]
             v_scale = tl.load(v_scale_ptr + scale_at, mask=pos_ok, other=0.0)
-        s = tl.where(pos_ok[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        visible = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        if SLIDING:  # each query sees its last `window` positions, itself included
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
 
         # Stage 4: online softmax: rescale what we have to the new max, add this tile.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -263,8 +270,12 @@ def paged_attention_triton(
     num_splits: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Paged attention per the module contract; writes into `out` when given and returns it.
+
+    sliding_window: each query attends only to the last `sliding_window` positions (itself
+    included); block-table entries wholly before every query's window are never read.
 
     num_splits: None picks split-KV by a heuristic (decode-only batches with few programs and
     long contexts, on a GPU); 1 forces the single-pass kernel; n > 1 forces n KV splits.
@@ -295,10 +306,10 @@ def paged_attention_triton(
         out, q, code_view(k_cache), code_view(v_cache), k_scale if quant else q, v_scale if quant else q,
         block_tables, seq_lens, query_start_loc,
         part_out, part_max, part_sum,
-        scale * _LOG2E, seq_lens.numel(), splits,
+        scale * _LOG2E, seq_lens.numel(), splits, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        **plan.constexprs(), num_warps=plan.num_warps,
+        **plan.constexprs(), SLIDING=bool(sliding_window), num_warps=plan.num_warps,
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
