@@ -127,3 +127,18 @@ def test_quick_run_writes_a_plot(quick_report):
 def test_bad_workload_sizes_are_rejected(capsys):
     with pytest.raises(ValueError, match="sessions must be >= 1"):
         bench_main(["--sessions", "0"])
+
+
+def test_single_chat_compares_runners_on_one_reply(tiny_llama, prompts_dir, tmp_path, capsys):
+    out = tmp_path / "single.json"
+    argv = ["--single", "--single-tokens", "6", "--model", tiny_llama, "--prompts", str(prompts_dir),
+            "--kv-cache-mib", "4", "--json", str(out)]
+    assert bench_main(argv) == 0
+    report = json.loads(out.read_text())
+    runs = {r["runner"]: r for r in report["runs"]}
+    assert set(runs) == {"chatpager", "transformers generate"}  # llama.cpp runs .gguf files only
+    assert "llama.cpp skipped" in capsys.readouterr().out
+    for r in runs.values():
+        assert r["tokens"] == 6 and r["ttft_s"] > 0 and r["tokens_per_s"] > 0
+    # the tiny model runs unquantized, so greedy tokens are transformers' own
+    assert runs["transformers generate"]["same_tokens_as_chatpager"] == 6

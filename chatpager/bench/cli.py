@@ -5,6 +5,10 @@
     chatpager bench --json out.json --plot out.png   # for machines and for people
     chatpager bench --quick --model DIR              # a seconds-long smoke run
     chatpager bench --server http://127.0.0.1:8000/v1  # the same workload against chatpager serve
+    chatpager bench --single                         # one chat, 128 tokens: chatpager, transformers, llama.cpp
+
+llama.cpp (the optional `llamacpp` extra) runs as a peer on the same GGUF when it is installed:
+the sessions served one after another, as a local llama.cpp user gets them.
 """
 from __future__ import annotations
 
@@ -35,6 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     w.add_argument("--seed", type=int, default=d.seed)
     w.add_argument("--prompts", type=Path, default=d.prompts_dir, help="folder of system prompts (*.md)")
     w.add_argument("--quick", action="store_true", help="a tiny workload for smoke tests")
+    w.add_argument("--single", action="store_true",
+                   help="instead: one chat, one reply of --single-tokens greedy tokens on every runner")
+    w.add_argument("--single-tokens", type=int, default=128, help="reply length for --single (%(default)s)")
     e = p.add_argument_group("chatpager")
     e.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
     e.add_argument("--max-model-len", type=int, default=None,
@@ -44,15 +51,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="KV pool size in MiB (%(default)s: the default workload's sessions all fit)")
     e.add_argument("--block-size", type=int, default=16)
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
+    e.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="chatpager's weights (default auto: the GGUF's own int4 on CPU)")
     e.add_argument("--threads", type=int, default=0,
                    help="torch threads, for every runner (default: torch's choice, one per core)")
     t = p.add_argument_group("transformers baselines")
     t.add_argument("--hf-serial-sessions", type=int, default=1,
                    help="sessions run one at a time on generate (%(default)s; 0 skips)")
-    t.add_argument("--hf-batch", type=int, default=4, help="static batch size (%(default)s)")
+    t.add_argument("--hf-batch", type=int, default=16, help="static batch size (%(default)s)")
     t.add_argument("--hf-static-sessions", type=int, default=None,
                    help="sessions run in static batches (default: one batch; 0 skips)")
     t.add_argument("--no-transformers", action="store_true", help="skip both transformers baselines")
+    t.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp even when it is installed")
     h = p.add_argument_group("over HTTP (instead of in process)")
     h.add_argument("--server", metavar="URL", default=None,
                    help="drive a running `chatpager serve` (e.g. http://127.0.0.1:8000/v1) with the workload")
@@ -96,6 +106,8 @@ def main(argv: list[str]) -> int:
                         ignore_eos=args.ignore_eos, seed=args.seed, prompts_dir=args.prompts)
     if args.server:
         return _bench_server(args, spec, console)
+    if args.single:
+        return _bench_single(args, spec, console)
     report = run_bench(args, spec, console)
     from chatpager.bench.report import print_report
 
@@ -128,11 +140,29 @@ def _bench_server(args: argparse.Namespace, spec: WorkloadSpec, console) -> int:
     return 1 if report["errors"] else 0
 
 
+def _bench_single(args: argparse.Namespace, spec: WorkloadSpec, console) -> int:
+    import torch
+
+    from chatpager.bench.single import print_single, run_single
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    llm = _load_llm(args)
+    report = run_single(llm, None if args.no_llamacpp else args.model, spec, args.single_tokens,
+                        not args.no_transformers, console, llama=not args.no_llamacpp)
+    report["command"] = args.command
+    report["load_average"] = os.getloadavg()[0]
+    print_single(report, console)
+    if args.json:
+        _write_json(report, args.json, console)
+    return 0
+
+
 def _load_llm(args: argparse.Namespace):
     from chatpager.engine.llm import LLM
 
     kwargs = dict(model=args.model, kv_cache_memory=args.kv_cache_mib * 2**20, block_size=args.block_size,
-                  max_num_batched_tokens=args.max_num_batched_tokens)
+                  max_num_batched_tokens=args.max_num_batched_tokens, quantization=args.quantization)
     if args.max_model_len is not None:
         return LLM(max_model_len=args.max_model_len, **kwargs)
     try:
@@ -181,8 +211,27 @@ def run_bench(args: argparse.Namespace, spec: WorkloadSpec, console) -> dict:
                     serial = result
                 else:
                     static = result
+        llama = None
+        if spec.sessions and not args.no_llamacpp:
+            llama = _run_llamacpp(args, llm, sessions, spec, bar, console)
     model = llm.model
     contiguous = allocation_model(cp_run.turns, trace.block_size, trace.num_blocks, llm.engine.max_model_len,
                                   spec.max_tokens, model.config.kv_bytes_per_token(model.embed.dtype))
     return build_report(spec, sessions, llm.model_info, args.command, cp_run, trace, contiguous,
-                        serial, static, {"before": load_before, "after": os.getloadavg()[0]})
+                        serial, static, {"before": load_before, "after": os.getloadavg()[0]}, llama)
+
+
+def _run_llamacpp(args: argparse.Namespace, llm, sessions, spec: WorkloadSpec, bar, console):
+    """llama.cpp serving every session one after another, or None (with the reason) when it cannot run."""
+    import torch
+
+    from chatpager.bench.llamacpp_runner import LlamaCppRunner, llama_cpp_missing
+
+    missing = llama_cpp_missing(args.model)
+    if missing:
+        console.print(missing, markup=False)
+        return None
+    runner = LlamaCppRunner(args.model, llm.tokenizer, llm.encode_chat, llm.engine.eos_token_ids, spec,
+                            torch.get_num_threads(), n_ctx=llm.engine.max_model_len)
+    task = bar.add_task("llama.cpp sequential", total=len(sessions) * spec.turns)
+    return runner.run(sessions, lambda k: bar.advance(task, k))

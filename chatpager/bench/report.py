@@ -70,17 +70,20 @@ def _goal(name: str, target: str, measured: float | None, holds: bool | None) ->
     return {"goal": name, "target": target, "measured": measured, "holds": holds}
 
 
-def check_goals(cp: dict, serial: dict | None, static: dict | None, contiguous: dict) -> list[dict]:
+def check_goals(cp: dict, serial: dict | None, static: dict | None, contiguous: dict,
+                llama: dict | None = None) -> list[dict]:
     tps = cp["output_tokens_per_s"]
     ttft = cp["ttft_s_by_turn"]
     late = max(k for k in ttft if k <= TTFT_TURN) if ttft else 1
     ttft_ratio = ttft[late] / ttft[1] if ttft and ttft[1] > 0 else None
     fit = contiguous["fit_ratio_paged_vs_max_model_len"]
     goals = []
-    for label, other, need in (("static batch", static, 3.0), ("serial", serial, 15.0)):
+    for label, other, need in (("transformers static batch", static, 3.0), ("transformers serial", serial, 15.0),
+                               ("llama.cpp sequential", llama, 2.5)):
+        if label.startswith("llama") and other is None:
+            continue  # not installed: no goal to check
         x = tps / other["output_tokens_per_s"] if other and other["output_tokens_per_s"] else None
-        goals.append(_goal(f"tokens/s vs transformers {label}", f">= {need:g}x", x,
-                           None if x is None else x >= need))
+        goals.append(_goal(f"tokens/s vs {label}", f">= {need:g}x", x, None if x is None else x >= need))
     return goals + [
         _goal("KV utilization, mean over steps", ">= 0.97", cp["kv_utilization_mean"],
               cp["kv_utilization_mean"] >= 0.97),
@@ -94,9 +97,10 @@ def check_goals(cp: dict, serial: dict | None, static: dict | None, contiguous: 
 
 def build_report(spec: WorkloadSpec, sessions: list[Session], model_info: dict, command: str,
                  cp_run: RunResult, trace: EngineTrace, contiguous: dict,
-                 serial: RunResult | None, static: RunResult | None, load: dict) -> dict:
+                 serial: RunResult | None, static: RunResult | None, load: dict,
+                 llama: RunResult | None = None) -> dict:
     cp = chatpager_figures(cp_run, trace)
-    others = {"transformers_serial": serial, "transformers_static": static}
+    others = {"transformers_serial": serial, "transformers_static": static, "llama_cpp_sequential": llama}
     summaries = {k: r.summary() for k, r in others.items() if r is not None}
     workload = {k: (str(v) if k == "prompts_dir" else v) for k, v in asdict(spec).items()}
     workload["prompts"] = [s.prompt_name for s in sessions]
@@ -111,7 +115,7 @@ def build_report(spec: WorkloadSpec, sessions: list[Session], model_info: dict, 
         "greedy_agreement": {k: greedy_agreement(cp_run, r) for k, r in others.items() if r is not None},
         "contiguous": contiguous,
         "goals": check_goals(cp, summaries.get("transformers_serial"), summaries.get("transformers_static"),
-                             contiguous),
+                             contiguous, summaries.get("llama_cpp_sequential")),
         "trace": {"t": trace.t, "kv_utilization": trace.kv_utilization, "used_blocks": trace.used_blocks,
                   "running": trace.running, "sharing_ratio": trace.sharing_ratio},
         "turns": {"chatpager": cp_run.to_json()["turns"],
@@ -131,7 +135,8 @@ def _fmt(x, digits: int = 2) -> str:
 def print_report(report: dict, console) -> None:
     from rich.table import Table
 
-    runs = [(k, report[k]) for k in ("chatpager", "transformers_serial", "transformers_static") if k in report]
+    runs = [(k, report[k]) for k in ("chatpager", "transformers_serial", "transformers_static", "llama_cpp_sequential")
+            if k in report]
     t = Table(title="Throughput and latency (same workload, same model, greedy)")
     t.add_column("")
     for name, _ in runs:
