@@ -76,10 +76,14 @@ class Tour:
         return self._snapshot() is not None and self.step.ready()
 
     def caption(self) -> str:
-        state = ("Space / → next step" if self.index + 1 < len(self.steps) else "Esc ends the tour"
-                 ) if self.ready() else "setting up… (Space / → skips ahead)"
+        if not self.ready():
+            state = "setting up… (Space / → skips ahead) · Esc leaves"
+        elif self.index + 1 < len(self.steps):
+            state = "Space / → next step · Esc leaves"
+        else:
+            state = "Esc ends the tour"
         return (f"Demo {self.index + 1}/{len(self.steps)} · {self.step.title}\n\n"
-                f"{self.step.caption()}\n\n{state} · Esc leaves")
+                f"{self.step.caption()}\n\n{state}")
 
     def highlight(self) -> set[int]:
         return self.step.blocks() if self._snapshot() is not None else set()
