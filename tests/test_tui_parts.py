@@ -249,3 +249,13 @@ def test_export_picks_a_new_name_and_refuses_to_overwrite(tmp_path, monkeypatch)
     (tmp_path / "my-chat.md").write_text("old")
     export(session, "md", tmp_path / "my-chat.md", overwrite=True)
     assert (tmp_path / "my-chat.md").read_text().startswith("# My chat!")
+
+
+def test_demo_starts_on_a_small_pool_unless_one_is_given():
+    from chatpager.tui.config import DEMO_NUM_BLOCKS
+
+    config = parse_args(["--demo"])
+    assert config.demo and config.engine.num_blocks == DEMO_NUM_BLOCKS
+    assert parse_args(["--demo", "--num-blocks", "500"]).engine.num_blocks == 500
+    assert parse_args(["--demo", "--kv-cache-memory", "64"]).engine.num_blocks is None
+    assert not parse_args([]).demo and parse_args([]).engine.num_blocks is None
