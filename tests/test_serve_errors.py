@@ -56,6 +56,9 @@ def test_malformed_json_and_missing_fields_are_400(srv, model):
     assert assert_openai_error(out_of_range, 400)["param"] == "temperature"
     unsupported = post(srv, "/chat/completions", json={"model": model, "messages": CHAT, "logprobs": True})
     assert assert_openai_error(unsupported, 400, "logprobs")["code"] == "unsupported_parameter"
+    defaults = {"frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}
+    assert post(srv, "/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1,
+                                                **defaults}).status_code == 200
     assert_openai_error(post(srv, "/completions", json={"model": model, "prompt": ["a", "b"]}), 400,
                         "one prompt")
 

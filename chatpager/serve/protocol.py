@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 NEUTRAL_VALUES = (None, False, 0, "", [], {})  # what clients send for options left at default
+DEFAULT_VALUES = {"best_of": 1, "response_format": {"type": "text"}}  # defaults that are not 0
 
 
 class StreamOptions(BaseModel):
@@ -40,7 +41,8 @@ class SamplingRequest(BaseModel):
 
     def unsupported_fields(self) -> list[str]:
         extra = self.model_extra or {}
-        return sorted(name for name, value in extra.items() if value not in NEUTRAL_VALUES)
+        return sorted(name for name, value in extra.items()
+                      if value not in NEUTRAL_VALUES and value != DEFAULT_VALUES.get(name))
 
     @property
     def include_usage(self) -> bool:
