@@ -365,3 +365,16 @@ def test_a_chat_turn_hits_its_whole_computed_history(tiny_llama):
         if turn:  # everything but the newest user message was computed by the previous turn
             assert out.num_cached_tokens == len(history) - 6
         history = history + list(out.token_ids) + prompt(35 + turn, 5)
+
+
+def test_bad_salts_and_sample_id_clashes_are_rejected_without_side_effects(llm):
+    from chatpager.errors import RequestError
+
+    eng = llm.engine
+    with pytest.raises(RequestError, match="cache_salt must be a string"):
+        eng.add_request(prompt(40, 5), GREEDY, cache_salt=42)
+    eng.add_request(prompt(41, 5), GREEDY, request_id="x.1")
+    with pytest.raises(RequestError, match="'x.1'"):  # would be the second sample of "x"
+        eng.add_request(prompt(42, 5), SamplingParams(n=2, max_tokens=2), request_id="x")
+    assert set(eng.seqs) == {"x.1"}
+    assert set(run_all(eng)) == {"x.1"}
