@@ -256,3 +256,17 @@ def test_command_line_flags_reach_the_engine_and_bad_settings_are_clear_errors(t
         LLM(model=tiny_llama, num_blocks=64, speculative="ngram", prompt_lookup_min=5, prompt_lookup_max=3)
     with pytest.raises(ValueError, match="speculative"):
         LLM(model=tiny_llama, num_blocks=64, speculative="eagle")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_speculative_greedy_equals_transformers(arch, tiny_model_factory, hf_reference, monkeypatch):
+    from conftest import hf_greedy
+
+    path = tiny_model_factory(arch)
+    batch = prompts(8, [3, 21, 50])
+    want = [hf_greedy(hf_reference(path), p, 24, ignore_eos=True) for p in batch]
+    monkeypatch.setattr(spec_decode, "propose_ngram", Oracle({tuple(p): w for p, w in zip(batch, want)}, wrong=0.3))
+    llm = LLM(model=path, num_blocks=128, block_size=8, speculative="ngram", num_speculative_tokens=6)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    assert [list(o.token_ids) for o in llm.generate(batch, params)] == want
+    assert llm.stats()["spec_accepted_tokens"] > 0
