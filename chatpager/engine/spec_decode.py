@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from chatpager.engine.outputs import RequestOutput
-from chatpager.engine.sampler import sample
+from chatpager.engine.sampler import sample_batch
 from chatpager.engine.sequence import Sequence, Status
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class SpecDecoder:
         for j in range(k + 1):
             # one row at a time, with the engine's own sampler: each emitted token is one draw
             # of the request's generator, as without speculation
-            token = sample(rows[j], seq.params, seq.generator)
+            (token,) = sample_batch(rows[j:j + 1], [seq.params], [seq.generator])
             if j == k or token != draft[j]:
                 break
             accepted += 1
