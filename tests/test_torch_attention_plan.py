@@ -54,6 +54,21 @@ def batch(rng: random.Random, seqs: list[tuple[int, int, str | None, int]], num_
             torch.tensor(lens, dtype=torch.int32), starts, HEAD_DIM ** -0.5)
 
 
+def count(blocks) -> int:
+    return blocks.stop - blocks.start if isinstance(blocks, slice) else blocks.numel()
+
+
+def test_a_run_of_consecutive_blocks_is_read_in_place_and_matches_dense():
+    rng = random.Random(3)
+    args = list(batch(rng, [(1, 20, None, 0), (5, 12, None, 0)]))  # 5 and 3 blocks of 4
+    # both sequences' blocks laid out as consecutive runs of the pool, as a lone chat's are
+    args[3] = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 0, 0]], dtype=torch.int32)
+    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK)
+    assert plan.rows[0].blocks == slice(0, 5) and plan.prefills[0].blocks == slice(5, 8)
+    assert pat._gather(args[1], plan.rows[0].blocks, 1).data_ptr() == args[1].data_ptr()  # no copy
+    torch.testing.assert_close(paged_attention_torch(*args, plan=plan), dense(*args), atol=1e-5, rtol=1e-5)
+
+
 def test_decode_rows_sharing_a_prefix_attend_it_once_and_match_dense():
     rng = random.Random(0)
     seqs = ([(1, rng.randint(40, 90), "system", 8) for _ in range(7)]
@@ -61,7 +76,7 @@ def test_decode_rows_sharing_a_prefix_attend_it_once_and_match_dense():
             + [(1, rng.randint(1, 60), None, 0) for _ in range(5)])
     args = batch(rng, seqs)
     plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK)
-    assert sorted((s.tokens.numel(), s.blocks.numel()) for s in plan.shared) == [(3, 10), (7, 8)]
+    assert sorted((s.tokens.numel(), count(s.blocks)) for s in plan.shared) == [(3, 10), (7, 8)]
     assert not plan.prefills
     torch.testing.assert_close(paged_attention_torch(*args, plan=plan), dense(*args), atol=1e-5, rtol=1e-5)
 
