@@ -270,3 +270,28 @@ def test_speculative_greedy_equals_transformers(arch, tiny_model_factory, hf_ref
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     assert [list(o.token_ids) for o in llm.generate(batch, params)] == want
     assert llm.stats()["spec_accepted_tokens"] > 0
+
+
+def test_no_proposals_while_the_batch_is_large(tiny_llama, monkeypatch):
+    batch = prompts(9, [6, 7, 8, 9, 10, 11])
+    lengths = [30, 30, 5, 5, 5, 5]  # four finish early: then two decode alone
+    refs = {}
+    for p, n in zip(batch, lengths):
+        refs[tuple(p)] = reference(tiny_llama, [p], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0]
+    oracle = Oracle(refs, wrong=0.0)
+    monkeypatch.setattr(spec_decode, "propose_ngram", oracle)
+    llm = LLM(model=tiny_llama, num_blocks=256, speculative="ngram")
+    engine = llm.engine
+    ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+           for p, n in zip(batch, lengths)]
+    got = {}
+    while engine.has_unfinished():
+        decoding = sum(1 for s in engine.seqs.values() if s.num_tokens - s.num_computed_tokens == 1)
+        calls = oracle.calls
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = list(out.token_ids)
+        if decoding > SpeculativeConfig().disable_by_batch_size:
+            assert oracle.calls == calls
+    assert [got[i] for i in ids] == [refs[tuple(p)] for p in batch]
+    assert llm.stats()["spec_accepted_tokens"] > 0  # the two long ones speculated once alone
