@@ -13,6 +13,7 @@ import logging.handlers
 import os
 from pathlib import Path
 
+LOG_NAME = "chatpager.log"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
 MAX_BYTES = 5 * 2**20  # rotate at 5 MiB, keeping three old files
 BACKUPS = 3
@@ -34,3 +35,10 @@ def configure_file_logging(path: str | os.PathLike, level: int = logging.INFO) -
     if logger.level == logging.NOTSET or logger.level > level:
         logger.setLevel(level)
     return handler
+
+
+def default_log_path() -> Path:
+    """Where `serve` logs when no data directory is given: the user's log directory."""
+    import platformdirs
+
+    return Path(platformdirs.user_log_dir("chatpager", appauthor=False)) / LOG_NAME

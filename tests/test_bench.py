@@ -102,7 +102,7 @@ def test_quick_run_figures_are_sane(quick_report):
     assert all(t["cached_tokens"] > 0 for t in second_turns)  # the history came from the prefix cache
     assert cp["prefix_hit_rate_later_turns"] > 0
     assert 0 < cp["kv_utilization_mean"] <= 1 and 0 < cp["kv_utilization_min"] <= 1
-    assert cp["sharing_ratio_peak"] >= 1
+    assert cp["sharing_ratio_peak"] > 1  # the sessions' system prompts share a preamble
     assert 0 < cp["prefill_computed_over_prompt_sent"] < 1
     assert 0 < cp["peak_blocks"] <= cp["num_blocks"]
     assert cp["preemptions"] == 0

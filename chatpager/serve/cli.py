@@ -60,6 +60,7 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, EngineArgs]:
 def main(argv: list[str]) -> int:
     config, engine_args = parse_args(argv)
     from chatpager.engine.loop import EngineLoop
+    from chatpager.logs import configure_file_logging, default_log_path
     from chatpager.serve.server import make_server
 
     loaded = threading.Event()
@@ -80,6 +81,9 @@ def main(argv: list[str]) -> int:
         finally:
             loaded.set()
 
+    log_path = default_log_path()
+    configure_file_logging(log_path)
+    print(f"chatpager serve: logging to {log_path}", file=sys.stderr, flush=True)
     engine = EngineLoop(load)
     engine.start()
     loaded.wait()

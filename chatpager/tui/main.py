@@ -76,8 +76,11 @@ def _version() -> str:
 
 
 def main(argv: list[str]) -> int:
+    from chatpager.logs import LOG_NAME, configure_file_logging
     from chatpager.tui.app import ChatpagerApp
 
-    app = ChatpagerApp(parse_args(argv))
+    config = parse_args(argv)
+    configure_file_logging(config.data_dir / LOG_NAME)  # the terminal belongs to the UI
+    app = ChatpagerApp(config)
     app.run()
     return app.return_code or 0
