@@ -29,11 +29,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice, one per core, as chatpager bench)")
     p.add_argument("--quantization", default="auto", help="LLM(quantization=...) (%(default)s)")
+    p.add_argument("--dtype", default="auto", help="LLM(dtype=...) (%(default)s)")
     p.add_argument("--profile", action="store_true", help="also print the torch profiler's table for the timed steps")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm = LLM(max_model_len=2048, kv_cache_memory=2**30, quantization=args.quantization)
+    llm = LLM(max_model_len=2048, kv_cache_memory=2**30, quantization=args.quantization, dtype=args.dtype)
     eng = llm.engine
     rng = random.Random(0)
     common = [rng.randrange(100, 40000) for _ in range(int(args.context * args.shared))]
