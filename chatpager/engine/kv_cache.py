@@ -5,8 +5,8 @@ One tensor [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], so a
 never decides who owns a block: the BlockPool does.
 
 A quantized cache (int8 / fp8 codes, `chatpager.kernels.kv_quant_torch`) also holds a float32
-scale per (slot, KV head), [num_layers, 2, num_blocks, block_size, num_kv_heads]: copies and
-swaps move a block's scales with its codes, so a block's values never depend on where it is.
+(scale, offset) per (slot, KV head), [num_layers, 2, num_blocks, block_size, num_kv_heads, 2]:
+copies and swaps move a block's scales with its codes, so its values never depend on where it is.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ class HostKV:
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, scaled: bool = False) -> None:
-        """`dtype` is the storage dtype; `scaled`: it holds codes, with a scale per (slot, KV head)."""
+        """`dtype` is the storage dtype; `scaled`: it holds codes, with a (scale, offset) per (slot, KV head)."""
         self.block_size = block_size
         self.data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
                                 dtype=dtype, device=device)
-        self.scales = (torch.ones(num_layers, 2, num_blocks, block_size, num_kv_heads, dtype=torch.float32,
-                                  device=device) if scaled else None)
+        self.scales = (torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, 2, dtype=torch.float32,
+                                   device=device) if scaled else None)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data[i, 0], self.data[i, 1]

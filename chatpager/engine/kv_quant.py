@@ -2,13 +2,13 @@
 
     "auto"      the model's dtype (float32 on CPU, bfloat16 on CUDA by default)
     "float32" / "bfloat16" / "float16"   plain floats of that dtype
-    "int8"      int8 codes + a float32 scale per (token, KV head)
-    "fp8"       float8_e4m3fn codes + a float32 scale per (token, KV head)
+    "int8"      int8 codes + a float32 (scale, offset) per (token, KV head)
+    "fp8"       float8_e4m3fn codes + a float32 (scale, offset) per (token, KV head)
 
 The codes, the scale granularity and the rounding are defined in
 `chatpager.kernels.kv_quant_torch` (per token and head, and why). A format's bytes per token
 include the scales, so the pool derived from `kv_cache_memory` holds proportionally more
-blocks: 256 / 68 = 3.8x an fp32 cache's for head_dim 64.
+blocks: 256 / 72 = 3.6x an fp32 cache's for head_dim 64.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from chatpager.kernels.kv_quant_torch import is_quantized
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "int8")
 _STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
             "fp8": torch.float8_e4m3fn, "int8": torch.int8}
-SCALE_BYTES = 4  # one float32 per (token, KV head)
+SCALE_BYTES = 8  # a float32 (scale, offset) per (token, KV head)
 
 
 @dataclass(frozen=True, slots=True)

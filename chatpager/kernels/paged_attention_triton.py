@@ -13,9 +13,10 @@ Supported: any GQA ratio (num_heads a multiple of num_kv_heads), any head_dim (p
 power of two >= 16 with masks), any block_size >= 1, fp32/fp16/bf16 (q and cache may differ;
 K/V are cast to q's dtype for the dot products). Softmax statistics and accumulation are fp32.
 A quantized cache (int8 / float8_e4m3fn codes with `k_scale` / `v_scale` [num_blocks,
-block_size, num_kv_heads], see `kv_quant_torch`) is dequantized in the kernel: codes are exact
-in the dot dtype, each key's scale multiplies its score column and each value's scale its
-probability column, which equals dot products with dequantized K and V.
+block_size, num_kv_heads, 2] holding (scale s, offset z), see `kv_quant_torch`) is dequantized
+in the kernel without expanding K or V: codes are exact in the dot dtype, and
+q . (c s + z) = s (q . c) + z sum(q) per key column, sum_j p_j (c_j s_j + z_j) =
+(p * s) @ c + p @ z per value, which equals attention over the dequantized K and V.
 
 How the work is cut:
 - A program owns BLOCK_Q query tokens of one sequence times the GROUP query heads that share
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chatpager.kernels.kv_quant_torch import code_view, kv_quant_code
+from chatpager.kernels.kv_quant_torch import check_scales, code_view, kv_quant_code
 from chatpager.kernels.triton_env import import_triton, interpreting
 
 triton = import_triton()
@@ -106,6 +107,8 @@ def _paged_attention_kernel(
     # Stage 1: load the q tile [BLOCK_M, HEAD_DIM_PAD].
     q_offs = (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(DOT_DTYPE)
+    if KV_QUANT != 0:
+        q_sum = tl.sum(q.to(tl.float32), 1)  # meets the keys' offsets
 
     # Keys up to this block's last query; with SPLIT_KV this program takes one share of them.
     kv_end = cached + tl.minimum((q_block + 1) * BLOCK_Q, q_len)
@@ -139,11 +142,15 @@ def _paged_attention_kernel(
             v = v.to(tl.float8e4nv, bitcast=True)
 
         # Stage 3: scores in log2 units, causal and length masks.
-        s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION) * qk_scale
-        if KV_QUANT != 0:  # per-key scales: column j of the scores is q . codes_j * k_scale_j
-            scale_at = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head
-            s = s * tl.load(k_scale_ptr + scale_at, mask=pos_ok, other=0.0)[None, :]
-            v_scale = tl.load(v_scale_ptr + scale_at, mask=pos_ok, other=0.0)
+        s = tl.dot(q, k.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        if KV_QUANT != 0:  # column j of the scores: s_j (q . codes_j) + z_j sum(q)
+            scale_at = ((block * BLOCK_SIZE + offset) * NUM_KV_HEADS + kv_head) * 2
+            k_s = tl.load(k_scale_ptr + scale_at, mask=pos_ok, other=0.0)
+            k_z = tl.load(k_scale_ptr + scale_at + 1, mask=pos_ok, other=0.0)
+            s = s * k_s[None, :] + q_sum[:, None] * k_z[None, :]
+            v_s = tl.load(v_scale_ptr + scale_at, mask=pos_ok, other=0.0)
+            v_z = tl.load(v_scale_ptr + scale_at + 1, mask=pos_ok, other=0.0)
+        s = s * qk_scale
         visible = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])
         if SLIDING:  # each query sees its last `window` positions, itself included
             visible = visible & (pos[None, :] > q_pos[:, None] - window)
@@ -154,8 +161,12 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        pv = p * v_scale[None, :] if KV_QUANT != 0 else p  # weights of the value codes
-        acc = acc * alpha[:, None] + tl.dot(pv.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        if KV_QUANT != 0:  # sum_j p_j (s_j codes_j + z_j)
+            pv = tl.dot((p * v_s[None, :]).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            pv += tl.sum(p * v_z[None, :], 1)[:, None]
+        else:
+            pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     # Stage 5: store. Masked rows may have l_i == 0; divide by 1 there instead of NaN.
@@ -282,9 +293,7 @@ def paged_attention_triton(
     """
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, num_splits)
     quant = kv_quant_code(k_cache.dtype)
-    if quant and (k_scale is None or v_scale is None or k_scale.shape != k_cache.shape[:3]
-                  or not k_scale.is_contiguous() or not v_scale.is_contiguous()):
-        raise ValueError("a quantized cache needs contiguous k_scale / v_scale of shape [blocks, block_size, kv_heads]")
+    check_scales(k_cache, k_scale, v_scale)
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_tables, seq_lens, query_start_loc = (
         t.contiguous() for t in (block_tables, seq_lens, query_start_loc))

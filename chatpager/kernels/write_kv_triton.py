@@ -6,14 +6,15 @@ with slot = block_id * block_size + offset, or -1 to skip the token. Values are 
 cache dtype. One program per token copies all of its KV heads at once.
 
 A quantized cache (int8 / float8_e4m3fn codes, given with `k_scale` / `v_scale`
-[num_blocks, block_size, num_kv_heads]) stores codes and a scale per (token, head) with the
-rounding of `kv_quant_torch.quantize`, so both backends write the same bytes.
+[num_blocks, block_size, num_kv_heads, 2]) stores codes and a (scale, offset) per (token, head)
+with the formulas and rounding of `kv_quant_torch.quantize`, so both backends write the same
+bytes (on a GPU up to Triton's approximate fp32 division, rarely one code apart).
 """
 from __future__ import annotations
 
 import torch
 
-from chatpager.kernels.kv_quant_torch import MIN_SCALE, QMAX, code_view, kv_quant_code
+from chatpager.kernels.kv_quant_torch import MIN_SCALE, QMAX, check_scales, code_view, kv_quant_code
 from chatpager.kernels.triton_env import import_triton, interpreting
 
 triton = import_triton()
@@ -47,8 +48,8 @@ def _write_kv_kernel(
         tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
     else:
-        # the scale slots share the codes' layout without head_dim: [blocks, block_size, kv_heads]
-        scale_at = (block * BLOCK_SIZE + offset) * NUM_KV_HEADS + tl.arange(0, HEADS_PAD)
+        # (scale, offset) pairs share the codes' layout with 2 for head_dim: [blocks, block_size, kv_heads, 2]
+        scale_at = ((block * BLOCK_SIZE + offset) * NUM_KV_HEADS + tl.arange(0, HEADS_PAD)) * 2
         head_ok = tl.arange(0, HEADS_PAD) < NUM_KV_HEADS
         _store_quantized(k.to(tl.float32), k_dst, k_scale_ptr + scale_at, mask, head_ok, KV_QUANT, QMAX, MIN_SCALE)
         _store_quantized(v.to(tl.float32), v_dst, v_scale_ptr + scale_at, mask, head_ok, KV_QUANT, QMAX, MIN_SCALE)
@@ -57,9 +58,18 @@ def _write_kv_kernel(
 @triton.jit
 def _store_quantized(x, dst, scale_dst, mask, head_ok, KV_QUANT: tl.constexpr, QMAX: tl.constexpr,
                      MIN_SCALE: tl.constexpr):
-    """x [heads, dims] as codes with one scale per head: amax / QMAX (1: int8, 2: fp8 bytes)."""
-    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(x), 0.0), 1) / QMAX, MIN_SCALE)
-    y = tl.minimum(tl.maximum(x / scale[:, None], -QMAX), QMAX)
+    """x [heads, dims] as codes with a (scale, offset) per head over its [min, max] (KV_QUANT 1:
+    int8 codes -128..127; 2: fp8 codes -448..448, stored as bytes)."""
+    hi = tl.max(tl.where(mask, x, float("-inf")), 1)
+    lo = tl.min(tl.where(mask, x, float("inf")), 1)
+    if KV_QUANT == 1:
+        scale = tl.maximum((hi - lo) / 255, MIN_SCALE)
+        zero = lo + 128 * scale
+        y = tl.minimum(tl.maximum((x - zero[:, None]) / scale[:, None], -QMAX - 1), QMAX)
+    else:
+        scale = tl.maximum((hi - lo) / 896, MIN_SCALE)
+        zero = (hi + lo) / 2
+        y = tl.minimum(tl.maximum((x - zero[:, None]) / scale[:, None], -QMAX), QMAX)
     if KV_QUANT == 1:
         codes = tl.floor(y + 0.5).to(tl.int8)
     else:
@@ -72,6 +82,7 @@ def _store_quantized(x, dst, scale_dst, mask, head_ok, KV_QUANT: tl.constexpr, Q
         codes = (tl.floor(y * inv_step + 0.5) * step).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     tl.store(dst, codes, mask=mask)
     tl.store(scale_dst, scale, mask=head_ok)
+    tl.store(scale_dst + 1, zero, mask=head_ok)
 
 
 def write_kv_triton(
@@ -94,9 +105,7 @@ def write_kv_triton(
     if k_cache.device.type != "cuda" and not interpreting():
         raise ValueError(f"Triton kernels need CUDA tensors (got {k_cache.device}) unless TRITON_INTERPRET=1")
     quant = kv_quant_code(k_cache.dtype)
-    if quant and (k_scale is None or v_scale is None or k_scale.shape != k_cache.shape[:3]
-                  or not k_scale.is_contiguous() or not v_scale.is_contiguous()):
-        raise ValueError("a quantized cache needs contiguous k_scale / v_scale of shape [blocks, block_size, kv_heads]")
+    check_scales(k_cache, k_scale, v_scale)
     if num_tokens == 0:
         return
     k = k if k.stride(-1) == 1 else k.contiguous()
