@@ -102,7 +102,10 @@ def test_default_models_int4_codes_are_the_gguf_weights(default_llm):
     model_dir = resolve_model_dir(None)
     codes = load_int4_codes(None, model_dir)
     floats = load_state_dict(model_dir)
-    assert codes is not None and len(codes) == 7 * default_llm.model.config.num_layers
+    layers = default_llm.model.config.num_layers
+    assert codes is not None and len(codes) == 7 * layers + 1  # every projection, and the head
+    head = codes["model.embed_tokens.weight"]  # tied; Q8_0 in the file, so quantized once and cached
+    assert (head.dequantize() - floats["model.embed_tokens.weight"]).abs().max() <= head.scale.max() / 2 + 1e-6
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight"):
         assert torch.equal(codes[name].dequantize(), floats[name])

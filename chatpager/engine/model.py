@@ -81,7 +81,10 @@ class Model:
         if quantization == "none":
             self.lm_head: Linear = DenseLinear(head_weight)
         else:  # the best tokens rescored exactly: the head's error lands straight on the logits
-            coarse = int4_linear(quantize_int4(head_weight)) if quantization == "int4" else int8_linear(head_weight)
+            if quantization == "int4":
+                coarse = int4_linear(int4_weights[head] if head in int4_weights else quantize_int4(head_weight))
+            else:
+                coarse = int8_linear(head_weight)
             self.lm_head = ShortlistHead(coarse, head_weight)
         self.layers: list[Layer] = []
         for i in range(config.num_layers):
