@@ -156,3 +156,55 @@ def test_default_model_beams_match_transformers(beam_width, default_llm, hf_refe
     conv = [{"role": "user", "content": "Give me a name for a small grey cat."}]
     params = BeamSearchParams(beam_width=beam_width, max_tokens=8, length_penalty=1.0)
     assert_matches_hf(llm, hf, [llm.encode_chat(conv)], params)
+
+
+def test_a_beam_search_through_the_engine_loop_reports_its_beams_once(tiny_llama):
+    import threading
+
+    from chatpager.engine.loop import Accepted, EngineLoop
+
+    woken = threading.Event()
+    loop = EngineLoop(lambda progress: LLM(model=tiny_llama, num_blocks=64), wake=woken.set)
+    loop.start()
+    try:
+        params = BeamSearchParams(beam_width=3, max_tokens=6)
+        loop.submit("b", [5, 6, 7, 8], params)
+        events: list = []
+        while not any(getattr(e, "finished", False) for e in events):
+            assert woken.wait(30), "timed out waiting on the engine loop"
+            woken.clear()
+            events += loop.drain()
+    finally:
+        loop.close()
+    assert isinstance(events[1], Accepted)
+    outputs = [e for e in events if getattr(e, "request_id", None) == "b" and hasattr(e, "samples")]
+    assert len(outputs) == 1 and outputs[0].finished  # one report, when the search ends
+    want = LLM(model=tiny_llama, num_blocks=64).beam_search([5, 6, 7, 8], params)[0].sequences
+    assert [s.token_ids for s in outputs[0].samples] == [s.token_ids for s in want]
+    assert outputs[0].text == want[0].text
+
+
+def test_tui_beam_turn_offers_the_beams_as_alternatives(tmp_path):
+    from chatpager.engine.loop import EngineLoop
+    from chatpager.engine.outputs import RequestOutput, Sample
+    from chatpager.tui.prompts import load_prompts
+    from chatpager.tui.sessions import Sessions
+    from chatpager.tui.store import Store
+    from chatpager.tui.turns import Turns
+
+    sessions = Sessions(Store(tmp_path / "chat.sqlite3"), load_prompts())
+    engine = EngineLoop(lambda progress: None, wake=lambda: None)  # never started: commands only queue
+    turns = Turns(sessions, engine, SamplingParams(max_tokens=8))
+    session = sessions.create("terse")
+    turns.send(session, "hi")
+    rid = session.request_id
+    turns.apply([RequestOutput(rid, (1,), (2,), (2,), "hello", True, "stop")])
+    turns.beam(session, 3)
+    assert session.messages[-1].role == "user" and session.replaced == "hello"
+    submitted = [engine._commands.get_nowait() for _ in range(2)][-1]
+    assert submitted.params == BeamSearchParams(beam_width=3, max_tokens=8)
+    beams = tuple(Sample(f"{session.request_id}#{i}", (i,), text, "stop") for i, text in enumerate(["a", "b", "c"]))
+    turns.apply([RequestOutput(session.request_id, (1,), (0,), (), "a", True, "stop", samples=beams)])
+    assert session.choices == ["a", "b", "c"] and not session.busy
+    turns.pick(session, 1)
+    assert [(m.role, m.content) for m in session.messages] == [("user", "hi"), ("assistant", "b")]

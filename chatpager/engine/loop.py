@@ -12,6 +12,7 @@ Invariants:
 - Every submit is answered first by `Accepted` (carrying the submitter's `tag`) or by
   `Rejected`; an accepted request then reports `RequestOutput`s until one is `finished`
   (or an `EngineFailed` names it). Parallel samples of request X report as "X.1", "X.2"...
+  A beam search (`BeamSearchParams`) reports once, when it ends, its beams in `samples`.
 - Events go to channels (`Channel`), each with its own pending events and wake-up call:
   - the main channel (the constructor's `wake`, read with `drain()`) sees every event:
     loading, and every request whoever submitted it. The TUI is the main channel and so
@@ -44,6 +45,7 @@ from chatpager.engine.sampling_params import SamplingParams
 from chatpager.errors import ChatpagerError
 
 if TYPE_CHECKING:
+    from chatpager.engine.beam_search import BeamSearchParams
     from chatpager.llm import LLM
 
 ProgressFn = Callable[[str, "float | None"], None]
@@ -183,7 +185,7 @@ class EngineLoop:
         self,
         request_id: str,
         prompt: Prompt,
-        params: SamplingParams,
+        params: SamplingParams | BeamSearchParams,
         *,
         cache_salt: str | None = None,
         tag: object = None,
@@ -307,7 +309,7 @@ class EngineLoop:
                 llm.engine.abort(command.request_id)  # a finished or unknown id is a no-op
             return
         if isinstance(command, _Submit) and command.reply_to is not None:
-            for request_id in _group_ids(command.request_id, command.params.n):
+            for request_id in _group_ids(command.request_id, getattr(command.params, "n", 1)):
                 self._owners[request_id] = command.reply_to
         if llm is None:
             self._reject(command, self._unusable or "", bad_request=False)
@@ -315,7 +317,7 @@ class EngineLoop:
         try:
             if isinstance(command, _Submit):
                 self._add_request(llm, command)
-                live.update(_group_ids(command.request_id, command.params.n))
+                live.update(_group_ids(command.request_id, getattr(command.params, "n", 1)))
             else:
                 llm.engine.fork(command.request_id, command.new_request_id, command.params)
                 live.add(command.new_request_id)
@@ -326,7 +328,7 @@ class EngineLoop:
         if isinstance(command, _Fork):
             self._publish([Rejected(command.new_request_id, message, bad_request)])
             return
-        for sample_id in _group_ids(command.request_id, command.params.n)[1:]:
+        for sample_id in _group_ids(command.request_id, getattr(command.params, "n", 1))[1:]:
             self._owners.pop(sample_id, None)  # the main id's owner goes with the Rejected
         self._publish([Rejected(command.request_id, message, bad_request)])
 
@@ -334,8 +336,12 @@ class EngineLoop:
         prompt = llm.encode_chat(list(command.prompt)) if command.chat else command.prompt
         if not isinstance(prompt, str):
             prompt = list(prompt)
-        llm.engine.add_request(prompt, command.params, request_id=command.request_id,
-                               cache_salt=command.cache_salt)
+        if hasattr(command.params, "beam_width"):  # a beam search: one output, when it ends
+            llm.engine.add_beam_search(prompt, command.params, request_id=command.request_id,
+                                       cache_salt=command.cache_salt)
+        else:
+            llm.engine.add_request(prompt, command.params, request_id=command.request_id,
+                                   cache_salt=command.cache_salt)
         self._publish([Accepted(command.request_id, command.tag)])
 
     def _step(self, llm: LLM, live: set[str]) -> bool:

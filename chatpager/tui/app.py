@@ -291,6 +291,12 @@ class ChatpagerApp(App, inherit_bindings=False):
             raise UserError(f"/regen takes 1 to {MAX_ALTERNATIVES} alternatives")
         self.turns.regenerate(self.current, n)
 
+    async def _slash_beam(self, argument: str) -> None:
+        k = _count(argument, default=REGENERATE_ALTERNATIVES)
+        if not 2 <= k <= MAX_ALTERNATIVES:
+            raise UserError(f"/beam takes 2 to {MAX_ALTERNATIVES} beams")
+        self.turns.beam(self.current, k)
+
     async def _slash_stop(self, _: str) -> None:
         self.action_stop()
 

@@ -24,6 +24,7 @@ COMMANDS: tuple[SlashCommand, ...] = (
     SlashCommand("fork", "", "Fork this session at its last message"),
     SlashCommand("system", "<name|text>", "Set this session's system prompt", True),
     SlashCommand("regen", "[n]", "Regenerate the last reply; n > 1 gives alternatives"),
+    SlashCommand("beam", "[k]", "Beam search the last reply; k beams to pick from"),
     SlashCommand("stop", "", "Stop the reply being generated"),
     SlashCommand("set", "[name value|default]",
                  "This session's sampling: temperature, top_p, top_k, max_tokens"),

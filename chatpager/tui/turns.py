@@ -52,6 +52,7 @@ class _Turn:
     params: SamplingParams | None = None  # None: submitted elsewhere, not ours to resend
     regenerate: bool = False
     fork_of: str | None = None  # a branch of this session's live reply
+    beams: bool = False  # a beam search: its beams, best first, arrive in its output's samples
     done: set[str] = field(default_factory=set)
 
 
@@ -79,13 +80,26 @@ class Turns:
 
     def regenerate(self, session: Session, n: int = 1) -> None:
         """Generate the last reply again; with n > 1, n alternatives to pick from."""
+        self._take_last_reply(session)
+        self._submit(session, dataclasses.replace(self.params_for(session), n=n), regenerate=True)
+
+    def beam(self, session: Session, k: int) -> None:
+        """Search for the last reply with `k` beams; the beams, best first, are the alternatives."""
+        from chatpager.engine.beam_search import BeamSearchParams  # torch loads with the engine
+
+        self._take_last_reply(session)
+        params = BeamSearchParams(beam_width=k, max_tokens=self.params_for(session).max_tokens)
+        self._submit(session, params, regenerate=True)
+
+    @staticmethod
+    def _take_last_reply(session: Session) -> None:
+        """Set the last reply aside until a regeneration settles (kept if none is picked)."""
         require_idle(session)
         if not session.messages:
             raise UserError("there is nothing to regenerate yet")
         if session.messages[-1].role == "assistant":
             session.replaced = session.messages.pop().content
             session.revision += 1
-        self._submit(session, dataclasses.replace(self.params_for(session), n=n), regenerate=True)
 
     def params_for(self, session: Session) -> SamplingParams:
         """The app's sampling parameters with the session's own settings (/set) applied."""
@@ -198,8 +212,9 @@ class Turns:
 
     def _submit(self, session: Session, params: SamplingParams, regenerate: bool = False) -> None:
         request_id = self._new_request_id(session)
-        samples = tuple(f"{request_id}.{i}" for i in range(1, params.n))
-        self._begin(session, _Turn(session.id, (request_id, *samples), params, regenerate))
+        samples = tuple(f"{request_id}.{i}" for i in range(1, getattr(params, "n", 1)))
+        beams = hasattr(params, "beam_width")
+        self._begin(session, _Turn(session.id, (request_id, *samples), params, regenerate, beams=beams))
         self.engine.submit(request_id, session.chat(), params)
 
     def _begin(self, session: Session, turn: _Turn) -> None:
@@ -232,6 +247,9 @@ class Turns:
         if output.error:
             session.error = output.error
             changes.notices.append(Notice(session.id, output.error))
+        if output.finished and turn.beams:
+            for beam in output.samples:
+                session.samples[beam.request_id] = beam.text
         if output.finished:
             turn.done.add(output.request_id)
             if len(turn.done) == len(turn.request_ids):
@@ -273,12 +291,14 @@ class Turns:
     def _end(self, session: Session, turn: _Turn, reason: str, changes: Changes) -> None:
         self._forget(turn)
         texts = [session.samples.get(request_id, "") for request_id in turn.request_ids]
+        if turn.beams:  # the beams, best first (an aborted search has none)
+            texts = [text for key, text in session.samples.items() if key not in turn.request_ids]
         session.request_id = None
         session.reply = ""
         session.samples = {}
         session.state = IDLE
         changes.finished.append((session.id, reason))
-        if len(turn.request_ids) > 1:
+        if len(turn.request_ids) > 1 or turn.beams:
             session.choices = [text for text in texts if text]
             if not session.choices:
                 self.pick(session, None)
