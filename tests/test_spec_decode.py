@@ -295,3 +295,23 @@ def test_no_proposals_while_the_batch_is_large(tiny_llama, monkeypatch):
             assert oracle.calls == calls
     assert [got[i] for i in ids] == [refs[tuple(p)] for p in batch]
     assert llm.stats()["spec_accepted_tokens"] > 0  # the two long ones speculated once alone
+
+
+def test_speculation_counters_reach_metrics(tiny_llama, monkeypatch):
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from chatpager.serve.metrics import ServerMetrics
+
+    batch = prompts(10, [15])
+    want = reference(tiny_llama, batch, GREEDY)
+    monkeypatch.setattr(spec_decode, "propose_ngram", Oracle({tuple(batch[0]): want[0]}, wrong=0.2))
+    llm = LLM(model=tiny_llama, num_blocks=64, speculative="ngram")
+    llm.generate(batch, GREEDY)
+    stats = llm.stats()
+    metrics = ServerMetrics(SimpleNamespace(snapshot=llm.engine.snapshot()))
+    text = generate_latest(metrics.registry).decode()
+    assert f"chatpager:spec_decode_num_draft_tokens_total {float(stats['spec_proposed_tokens'])}" in text
+    assert f"chatpager:spec_decode_num_accepted_tokens_total {float(stats['spec_accepted_tokens'])}" in text
+    assert stats["spec_accepted_tokens"] > 0

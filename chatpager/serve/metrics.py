@@ -25,6 +25,8 @@ ENGINE_COUNTERS = (
     ("num_preemptions", "preemptions", "Sequences preempted because the pool ran out."),
     ("evictions", "evictions", "Cached blocks evicted (their content dropped) to be reused."),
     ("cow_copies", "cow_copies", "Copy-on-write block copies."),
+    ("spec_decode_num_draft_tokens", "spec_proposed_tokens", "Tokens proposed by speculative decoding."),
+    ("spec_decode_num_accepted_tokens", "spec_accepted_tokens", "Proposed tokens the model accepted."),
 )
 
 
