@@ -208,3 +208,13 @@ def test_tui_beam_turn_offers_the_beams_as_alternatives(tmp_path):
     assert session.choices == ["a", "b", "c"] and not session.busy
     turns.pick(session, 1)
     assert [(m.role, m.content) for m in session.messages] == [("user", "hi"), ("assistant", "b")]
+
+
+def test_beams_do_not_speculate_and_match_a_plain_engine(tiny_llama):
+    params = BeamSearchParams(beam_width=2, max_tokens=10)
+    prompt = random_prompts(13, [8])[0] * 3  # repeats: n-gram proposals would exist
+    plain = LLM(model=tiny_llama, num_blocks=64).beam_search(prompt, params)[0]
+    llm = LLM(model=tiny_llama, num_blocks=64, speculative="ngram")
+    spec = llm.beam_search(prompt, params)[0]
+    assert spec.sequences == plain.sequences
+    assert llm.stats()["spec_proposed_tokens"] == 0
