@@ -58,8 +58,8 @@ def _write_kv_kernel(
 @triton.jit
 def _store_quantized(x, dst, scale_dst, mask, head_ok, KV_QUANT: tl.constexpr, QMAX: tl.constexpr,
                      MIN_SCALE: tl.constexpr):
-    """x [heads, dims] as codes with a (scale, offset) per head over its [min, max] (KV_QUANT 1:
-    int8 codes -128..127; 2: fp8 codes -448..448, stored as bytes)."""
+    """x [heads, dims] as codes with a (scale, offset) per head (KV_QUANT 1: int8 codes -128..127
+    over [min, max]; 2: fp8 codes -448..448 over +-max |x|, offset 0, stored as bytes)."""
     hi = tl.max(tl.where(mask, x, float("-inf")), 1)
     lo = tl.min(tl.where(mask, x, float("inf")), 1)
     if KV_QUANT == 1:
@@ -67,8 +67,8 @@ def _store_quantized(x, dst, scale_dst, mask, head_ok, KV_QUANT: tl.constexpr, Q
         zero = lo + 128 * scale
         y = tl.minimum(tl.maximum((x - zero[:, None]) / scale[:, None], -QMAX - 1), QMAX)
     else:
-        scale = tl.maximum((hi - lo) / 896, MIN_SCALE)
-        zero = (hi + lo) / 2
+        scale = tl.maximum(tl.maximum(hi, -lo) / 448, MIN_SCALE)
+        zero = scale * 0.0
         y = tl.minimum(tl.maximum((x - zero[:, None]) / scale[:, None], -QMAX), QMAX)
     if KV_QUANT == 1:
         codes = tl.floor(y + 0.5).to(tl.int8)
