@@ -18,7 +18,8 @@ def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
     return [torch.randint(3, 250, (n,), generator=gen).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("arch,extra", [("mistral", {}), ("qwen2", {"use_sliding_window": True, "max_window_layers": 0})])
+@pytest.mark.parametrize("arch,extra", [("mistral", {}),
+                                        ("qwen2", {"use_sliding_window": True, "max_window_layers": 0})])
 def test_windowed_model_matches_transformers_past_the_window(arch, extra, tiny_model_factory, hf_reference):
     path = tiny_model_factory(arch, sliding_window=WINDOW, **extra)
     llm = LLM(path, block_size=8, max_num_batched_tokens=64)  # chunked prefill over a windowed cache
@@ -63,3 +64,12 @@ def test_window_equals_a_dense_windowed_softmax(backend):
             row = starts[i] + j
             p = (torch.einsum("hd,khd->hk", q[row], k) * 0.3).softmax(-1)
             torch.testing.assert_close(out[row], torch.einsum("hk,khd->hd", p, v), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_full_and_windowed_layers_stay_capped_at_the_window(tiny_model_factory):
+    """Qwen2 windowing only its later layers is not windowed here: it runs full attention,
+    which is exact only inside the window, so its context stays capped there."""
+    path = tiny_model_factory("qwen2", sliding_window=WINDOW, use_sliding_window=True, max_window_layers=1)
+    llm = LLM(path, num_blocks=16)
+    assert llm.model.config.uniform_sliding_window is None
+    assert llm.engine.max_model_len == WINDOW
