@@ -8,7 +8,11 @@ def __getattr__(name: str):
         from chatpager.engine.llm import LLM
 
         return LLM
+    if name == "BeamSearchParams":
+        from chatpager.engine.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams"]

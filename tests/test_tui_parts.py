@@ -259,3 +259,16 @@ def test_demo_starts_on_a_small_pool_unless_one_is_given():
     assert parse_args(["--demo", "--num-blocks", "500"]).engine.num_blocks == 500
     assert parse_args(["--demo", "--kv-cache-memory", "64"]).engine.num_blocks is None
     assert not parse_args([]).demo and parse_args([]).engine.num_blocks is None
+
+
+def test_stats_panel_names_a_quantized_kv_cache_and_speculation():
+    from chatpager.tui.widgets.cache_stats import runtime_label, speculation_label
+
+    info = {"device": "cpu", "dtype": "float32", "attention": "torch", "quantization": "int4",
+            "kv_cache_dtype": "float32", "kv_bytes_per_block": 737280}
+    assert runtime_label(info) == "cpu · float32 · int4 · torch"  # a float32 cache says nothing more
+    info |= {"kv_cache_dtype": "int8", "kv_bytes_per_block": 207360}
+    assert runtime_label(info) == "cpu · float32 · int4 · kv int8 (202 KiB/block) · torch"
+    assert speculation_label({"spec_proposed_tokens": 0}) == ""
+    spec = {"spec_proposed_tokens": 40, "spec_acceptance_rate": 0.5, "spec_tokens_per_step": 2.25}
+    assert speculation_label(spec) == " · spec 50.0 % accepted, 2.2 tok/step"

@@ -34,7 +34,7 @@ from chatpager.tui.session import Session
 from chatpager.tui.session_info import describe, settings_text, to_copy
 from chatpager.tui.sessions import SETTINGS, Sessions, UserError
 from chatpager.tui.store import Store
-from chatpager.tui.widgets.cache_stats import quantization_label
+from chatpager.tui.widgets.cache_stats import runtime_label
 from chatpager.tui.swarm import Swarm, load_turns
 from chatpager.tui.turns import Turns
 from chatpager.tui.widgets.prompt_input import PromptInput
@@ -194,7 +194,7 @@ class ChatpagerApp(App, inherit_bindings=False):
             elif isinstance(event, Loaded):
                 info = event.model_info
                 self._set_model_status(
-                    f"{info['name']} · {info['device']} · {info['dtype']}{quantization_label(info)} · {info['attention']}"
+                    f"{info['name']} · {runtime_label(info)}"
                 )
             elif isinstance(event, LoadFailed):
                 self._set_model_status("failed to load")

@@ -18,9 +18,7 @@ def stats_table(stats: dict, model_info: dict, contiguous: tuple[int, int] | Non
     table.add_column(no_wrap=True, overflow="ellipsis")
     total = stats["num_blocks"]
     table.add_row("model", Text(model_info["name"]))
-    table.add_row(
-        "runtime", f"{model_info['device']} · {model_info['dtype']}{quantization_label(model_info)} · {model_info['attention']}"
-    )
+    table.add_row("runtime", runtime_label(model_info))
     table.add_row(
         "blocks",
         f"{stats['used_blocks']} used · {stats['cached_blocks']} cached · "
@@ -44,7 +42,8 @@ def stats_table(stats: dict, model_info: dict, contiguous: tuple[int, int] | Non
         f"run {stats['running']} · wait {stats['waiting']} · swap {stats['swapped']}",
     )
     running = stats["running"] > 0
-    table.add_row("decode", f"{stats['decode_tokens_per_s']:.1f} tok/s" if running else "idle")
+    table.add_row("decode", (f"{stats['decode_tokens_per_s']:.1f} tok/s" if running else "idle")
+                  + speculation_label(stats))
     if contiguous is None:
         table.add_row("vs contig", "—")
     else:
@@ -67,7 +66,29 @@ class CacheStats(Static):
         self.update(table, layout=False)
 
 
+def runtime_label(info: dict) -> str:
+    """'cpu · float32 · int4 · torch': device, dtype, weight and KV quantization, attention."""
+    return (f"{info['device']} · {info['dtype']}{quantization_label(info)}{kv_label(info)}"
+            f" · {info['attention']}")
+
+
 def quantization_label(info: dict) -> str:
     """' · int4' for quantized weights; nothing for the unquantized default of float checkpoints."""
     mode = info.get("quantization", "none")
     return "" if mode == "none" else f" · {mode}"
+
+
+def kv_label(info: dict) -> str:
+    """' · kv int8 (203 KiB/block)' for a KV cache stored in another dtype than the weights'."""
+    kv = info.get("kv_cache_dtype")
+    if kv is None or kv == info.get("dtype"):
+        return ""
+    return f" · kv {kv} ({info.get('kv_bytes_per_block', 0) / 1024:.0f} KiB/block)"
+
+
+def speculation_label(stats: dict) -> str:
+    """' · spec 53 % accepted, 2.1 tok/step' once speculative decoding has proposed tokens."""
+    if not stats.get("spec_proposed_tokens"):
+        return ""
+    return (f" · spec {_percent(stats['spec_acceptance_rate'])} accepted, "
+            f"{stats['spec_tokens_per_step']:.1f} tok/step")
