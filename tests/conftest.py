@@ -62,3 +62,15 @@ def default_llm():
     from chatpager import LLM
 
     return LLM(quantization="none", dtype="float32")
+
+
+# For the serve tests: a module that defines a `srv` fixture (a running server) gets these.
+@pytest.fixture(scope="module")
+def client(srv):
+    """The official openai client, pointed at the module's server."""
+    return srv.client()
+
+
+@pytest.fixture(scope="module")
+def served_model(client) -> str:
+    return client.models.list().data[0].id

@@ -17,24 +17,14 @@ def srv(tiny_llama):
         yield running
 
 
-@pytest.fixture(scope="module")
-def client(srv):
-    return srv.client()
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
 def test_models_lists_the_loaded_model(client, srv):
     models = client.models.list().data
     assert [m.id for m in models] == [srv.engine.model_info["name"]]
     assert models[0].object == "model"
 
 
-def test_chat_completion_has_openai_shape_and_usage(client, model, srv):
-    reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6,
+def test_chat_completion_has_openai_shape_and_usage(client, served_model, srv):
+    reply = client.chat.completions.create(model=served_model, messages=CHAT, max_tokens=6,
                                            temperature=0, extra_body={"ignore_eos": True})
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
     [choice] = reply.choices
@@ -46,8 +36,8 @@ def test_chat_completion_has_openai_shape_and_usage(client, model, srv):
     assert usage.prompt_tokens_details.cached_tokens >= 0
 
 
-def test_streamed_chat_concatenates_to_the_same_reply_and_ends_with_usage(client, model):
-    kwargs = dict(model=model, messages=CHAT, max_tokens=12, temperature=0,
+def test_streamed_chat_concatenates_to_the_same_reply_and_ends_with_usage(client, served_model):
+    kwargs = dict(model=served_model, messages=CHAT, max_tokens=12, temperature=0,
                   extra_body={"ignore_eos": True})
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True,
@@ -62,29 +52,29 @@ def test_streamed_chat_concatenates_to_the_same_reply_and_ends_with_usage(client
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
-def test_raw_stream_ends_with_done(srv, model):
-    body = {"model": model, "messages": CHAT, "max_tokens": 3, "stream": True}
+def test_raw_stream_ends_with_done(srv, served_model):
+    body = {"model": served_model, "messages": CHAT, "max_tokens": 3, "stream": True}
     with httpx.stream("POST", srv.base_url + "/chat/completions", json=body) as response:
         lines = [line for line in response.iter_lines() if line]
     assert response.headers["content-type"].startswith("text/event-stream")
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
 
 
-def test_n_parallel_samples_come_back_as_indexed_choices(client, model):
-    reply = client.chat.completions.create(model=model, messages=CHAT, n=3, max_tokens=5,
+def test_n_parallel_samples_come_back_as_indexed_choices(client, served_model):
+    reply = client.chat.completions.create(model=served_model, messages=CHAT, n=3, max_tokens=5,
                                            temperature=1.0, seed=7, extra_body={"ignore_eos": True})
     assert [c.index for c in reply.choices] == [0, 1, 2]
     assert all(c.finish_reason == "length" for c in reply.choices)
     assert reply.usage.completion_tokens == 15
     assert len({c.message.content for c in reply.choices}) > 1  # seeded differently per sample
-    stream = client.chat.completions.create(model=model, messages=CHAT, n=2, max_tokens=4,
+    stream = client.chat.completions.create(model=served_model, messages=CHAT, n=2, max_tokens=4,
                                             stream=True, extra_body={"ignore_eos": True})
     ended = [choice.index for chunk in stream for choice in chunk.choices if choice.finish_reason]
     assert sorted(ended) == [0, 1]
 
 
-def test_stop_string_cuts_the_reply_in_both_modes(client, model):
-    kwargs = dict(model=model, messages=CHAT, max_tokens=40, temperature=0,
+def test_stop_string_cuts_the_reply_in_both_modes(client, served_model):
+    kwargs = dict(model=served_model, messages=CHAT, max_tokens=40, temperature=0,
                   extra_body={"ignore_eos": True})
     free = client.chat.completions.create(**kwargs).choices[0].message.content
     stop = free[10:12]  # two characters from the middle of the greedy reply
@@ -97,33 +87,33 @@ def test_stop_string_cuts_the_reply_in_both_modes(client, model):
     assert streamed == cut.message.content
 
 
-def test_completions_take_token_ids_and_text(client, model):
+def test_completions_take_token_ids_and_text(client, served_model):
     ids = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
-    by_ids = client.completions.create(model=model, prompt=ids, max_tokens=5, temperature=0,
+    by_ids = client.completions.create(model=served_model, prompt=ids, max_tokens=5, temperature=0,
                                        extra_body={"ignore_eos": True})
     assert by_ids.object == "text_completion" and by_ids.id.startswith("cmpl-")
     assert by_ids.usage.prompt_tokens == len(ids) and by_ids.usage.completion_tokens == 5
-    streamed = list(client.completions.create(model=model, prompt=ids, max_tokens=5, temperature=0,
+    streamed = list(client.completions.create(model=served_model, prompt=ids, max_tokens=5, temperature=0,
                                               stream=True, extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == by_ids.choices[0].text
-    by_text = client.completions.create(model=model, prompt="Hello, world", max_tokens=2)
+    by_text = client.completions.create(model=served_model, prompt="Hello, world", max_tokens=2)
     assert by_text.usage.prompt_tokens > 0 and by_text.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_repeated_prompt_reports_cached_tokens(client, model):
+def test_a_repeated_prompt_reports_cached_tokens(client, served_model):
     messages = [{"role": "user", "content": "A fairly long question about paged attention " * 3}]
-    first = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
-    again = client.chat.completions.create(model=model, messages=messages, max_tokens=2)
+    first = client.chat.completions.create(model=served_model, messages=messages, max_tokens=2)
+    again = client.chat.completions.create(model=served_model, messages=messages, max_tokens=2)
     assert first.usage.prompt_tokens > 32
     # every full block of the prompt but the last token's is served from the cache
     assert again.usage.prompt_tokens_details.cached_tokens >= (first.usage.prompt_tokens - 1) // 16 * 16
 
 
-def test_metrics_parse_and_their_counters_move(srv, client, model):
+def test_metrics_parse_and_their_counters_move(srv, client, served_model):
     before = srv.metrics()
     assert before["chatpager:kv_cache_usage_perc"] >= 0
     assert sum(before[f"chatpager:kv_blocks{{state={s}}}"] for s in ("used", "cached", "free")) == 64
-    client.chat.completions.create(model=model, messages=CHAT, max_tokens=4,
+    client.chat.completions.create(model=served_model, messages=CHAT, max_tokens=4,
                                    extra_body={"ignore_eos": True})
     after = wait_for(lambda: (m := srv.metrics())["chatpager:prefix_cache_queries_total"]
                      > before["chatpager:prefix_cache_queries_total"] and m)

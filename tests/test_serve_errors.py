@@ -23,16 +23,6 @@ def srv(tiny_model_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def client(srv):
-    return srv.client()
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
 def assert_openai_error(response: httpx.Response, status: int, *words: str) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -45,30 +35,30 @@ def post(srv, path: str, **kwargs) -> httpx.Response:
     return httpx.post(srv.base_url + path, timeout=30, **kwargs)
 
 
-def test_malformed_json_and_missing_fields_are_400(srv, model):
+def test_malformed_json_and_missing_fields_are_400(srv, served_model):
     bad_json = post(srv, "/chat/completions", content=b"{not json",
                     headers={"content-type": "application/json"})
     assert_openai_error(bad_json, 400)
-    missing = assert_openai_error(post(srv, "/chat/completions", json={"model": model}), 400)
+    missing = assert_openai_error(post(srv, "/chat/completions", json={"model": served_model}), 400)
     assert missing["param"] == "messages"
     out_of_range = post(srv, "/chat/completions",
-                        json={"model": model, "messages": CHAT, "temperature": 5})
+                        json={"model": served_model, "messages": CHAT, "temperature": 5})
     assert assert_openai_error(out_of_range, 400)["param"] == "temperature"
-    unsupported = post(srv, "/chat/completions", json={"model": model, "messages": CHAT, "logprobs": True})
+    unsupported = post(srv, "/chat/completions", json={"model": served_model, "messages": CHAT, "logprobs": True})
     assert assert_openai_error(unsupported, 400, "logprobs")["code"] == "unsupported_parameter"
     defaults = {"frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}}
-    assert post(srv, "/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 1,
+    assert post(srv, "/chat/completions", json={"model": served_model, "messages": CHAT, "max_tokens": 1,
                                                 **defaults}).status_code == 200
-    assert_openai_error(post(srv, "/completions", json={"model": model, "prompt": ["a", "b"]}), 400,
+    assert_openai_error(post(srv, "/completions", json={"model": served_model, "prompt": ["a", "b"]}), 400,
                         "one prompt")
 
 
-def test_prompts_too_long_for_the_context_or_the_pool_are_400_with_the_numbers(client, model):
+def test_prompts_too_long_for_the_context_or_the_pool_are_400_with_the_numbers(client, served_model):
     with pytest.raises(openai.BadRequestError) as context:
-        client.completions.create(model=model, prompt=[65] * 17000, max_tokens=1)
+        client.completions.create(model=served_model, prompt=[65] * 17000, max_tokens=1)
     assert "17000" in str(context.value) and "16384" in str(context.value)
     with pytest.raises(openai.BadRequestError) as pool:
-        client.chat.completions.create(model=model, max_tokens=1,
+        client.chat.completions.create(model=served_model, max_tokens=1,
                                        messages=[{"role": "user", "content": "x" * 9000}])
     assert "blocks" in str(pool.value) and "512" in str(pool.value)
 
@@ -80,7 +70,7 @@ def test_unknown_model_and_route_are_404(srv, client):
     assert_openai_error(httpx.get(srv.base_url + "/nowhere"), 404)
 
 
-def test_an_engine_failure_is_500_and_other_requests_keep_being_served(srv, client, model):
+def test_an_engine_failure_is_500_and_other_requests_keep_being_served(srv, client, served_model):
     runner = srv.llm[0].engine.runner
     run = runner.run
 
@@ -90,9 +80,9 @@ def test_an_engine_failure_is_500_and_other_requests_keep_being_served(srv, clie
 
     runner.run = fail_once
     with pytest.raises(openai.InternalServerError) as failed:
-        client.chat.completions.create(model=model, messages=CHAT, max_tokens=4)
+        client.chat.completions.create(model=served_model, messages=CHAT, max_tokens=4)
     assert "simulated device fault" in str(failed.value)
-    reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=4,
+    reply = client.chat.completions.create(model=served_model, messages=CHAT, max_tokens=4,
                                            extra_body={"ignore_eos": True})
     assert reply.usage.completion_tokens == 4
 
@@ -105,9 +95,9 @@ def generating(srv) -> bool:
 PROMPT_STEPS_LEFT = 2000
 
 
-def test_a_client_leaving_mid_stream_has_its_request_aborted_and_blocks_freed(srv, model):
+def test_a_client_leaving_mid_stream_has_its_request_aborted_and_blocks_freed(srv, served_model):
     srv.wait_idle()
-    body = {"model": model, "messages": CHAT, "stream": True, "max_tokens": 5000, "ignore_eos": True}
+    body = {"model": served_model, "messages": CHAT, "stream": True, "max_tokens": 5000, "ignore_eos": True}
     with httpx.stream("POST", srv.base_url + "/chat/completions", json=body) as response:
         lines = response.iter_lines()
         while '"content":"' not in next(lines).replace('"content":""', ""):
@@ -119,11 +109,11 @@ def test_a_client_leaving_mid_stream_has_its_request_aborted_and_blocks_freed(sr
     assert stats["cached_blocks"] > 0  # its blocks are free, their content still hittable
 
 
-def test_a_non_streaming_client_that_times_out_is_aborted_too(srv, client, model):
+def test_a_non_streaming_client_that_times_out_is_aborted_too(srv, client, served_model):
     srv.wait_idle()
     impatient = srv.client(timeout=0.5)
     with pytest.raises(openai.APITimeoutError):
-        impatient.chat.completions.create(model=model, messages=CHAT, **ENDLESS)
+        impatient.chat.completions.create(model=served_model, messages=CHAT, **ENDLESS)
     steps = srv.engine.snapshot.stats["steps"]
     stats = srv.wait_idle(timeout=10)
     assert stats["steps"] - steps < PROMPT_STEPS_LEFT
