@@ -11,3 +11,7 @@ class ModelLoadError(ChatpagerError):
 
 class RequestError(ChatpagerError, ValueError):
     """A request that can never be served (empty, too long for the model, larger than the pool)."""
+
+
+class PromptTooLong(RequestError):
+    """A prompt longer than the model's context or the whole KV pool: a chat can drop old turns."""

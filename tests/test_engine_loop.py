@@ -96,6 +96,8 @@ def test_bad_requests_are_rejected_and_the_loop_lives_on(started):
     assert "context" in rejected["long"]  # longer than the model's context (1024)
     assert "blocks" in rejected["wide"]  # more than the whole pool (32 blocks of 16)
     assert "child" in rejected
+    too_long = {e.request_id: e.too_long for e in collector.events if isinstance(e, Rejected)}
+    assert too_long == {"long": True, "wide": True, "child": False}  # a chat may shorten the first two
 
 
 def test_a_model_that_fails_to_load_is_reported_and_requests_rejected():

@@ -73,16 +73,16 @@ def test_a_history_that_outgrows_the_context_drops_its_oldest_turns(tmp_path):
         turns.send(session, question)
         turns.apply([output(session.request_id, answer, True, "stop")])
     turns.send(session, "q3")
-    too_long = "prompt has 9000 tokens; the model's context is 8192 and at least one must be left"
-    changes = turns.apply([Rejected(session.request_id, too_long)])
+    over_context = "prompt has 9000 tokens; the model's context is 8192 and at least one must be left"
+    changes = turns.apply([Rejected(session.request_id, over_context, too_long=True)])
     assert session.busy and session.error is None  # sent again, without the oldest exchange
     assert "no longer fits" in changes.notices[0].message
     assert session.chat()[0]["role"] == "system"
     assert [m["content"] for m in session.chat()[1:]] == ["q2", "a2", "q3"]
     pool = "prompt needs 600 blocks but the whole KV pool has 512; use a larger pool"
-    turns.apply([Rejected(session.request_id, pool)])
+    turns.apply([Rejected(session.request_id, pool, too_long=True)])
     assert [m["content"] for m in session.chat()[1:]] == ["q3"]
-    changes = turns.apply([Rejected(session.request_id, too_long)])  # nothing left to drop
+    changes = turns.apply([Rejected(session.request_id, over_context, too_long=True)])  # nothing left to drop
     assert not session.busy and "context is 8192" in session.error
     assert [m.content for m in turns.sessions.store.load()[0].messages] == [
         "q1", "a1", "q2", "a2", "q3"]  # nothing lost from the store

@@ -14,7 +14,7 @@ from dataclasses import replace
 from chatpager.engine.request_group import RequestGroup
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.engine.sequence import Sequence, Status
-from chatpager.errors import RequestError
+from chatpager.errors import PromptTooLong, RequestError
 
 
 class InputProcessor:
@@ -40,11 +40,11 @@ class InputProcessor:
         if n == 0:
             raise RequestError("empty prompt: nothing to generate from")
         if n >= self.max_model_len:
-            raise RequestError(f"prompt has {n} tokens; the model's context is {self.max_model_len} "
+            raise PromptTooLong(f"prompt has {n} tokens; the model's context is {self.max_model_len} "
                                f"and at least one must be left to generate")
         if n + 1 > self.pool_tokens:
             bs = self.block_size
-            raise RequestError(f"prompt needs {-(-(n + 1) // bs)} blocks but the whole KV pool has "
+            raise PromptTooLong(f"prompt needs {-(-(n + 1) // bs)} blocks but the whole KV pool has "
                                f"{self.num_blocks}; use a larger pool or a shorter prompt")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:

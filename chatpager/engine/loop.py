@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from chatpager.engine.outputs import CacheSnapshot, RequestOutput
 from chatpager.engine.sampling_params import SamplingParams
-from chatpager.errors import ChatpagerError
+from chatpager.errors import ChatpagerError, PromptTooLong
 
 if TYPE_CHECKING:
     from chatpager.engine.beam_search import BeamSearchParams
@@ -85,6 +85,7 @@ class Rejected:
     request_id: str
     message: str
     bad_request: bool = True  # the request's own fault; False: the engine could not serve it
+    too_long: bool = False  # the prompt exceeds the context or the whole pool (a chat may shorten it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,15 +323,16 @@ class EngineLoop:
                 llm.engine.fork(command.request_id, command.new_request_id, command.params)
                 live.add(command.new_request_id)
         except Exception as error:  # a bad request must not take the loop down
-            self._reject(command, str(error), isinstance(error, (ChatpagerError, ValueError)))
+            self._reject(command, str(error), isinstance(error, (ChatpagerError, ValueError)),
+                         too_long=isinstance(error, PromptTooLong))
 
-    def _reject(self, command: _Submit | _Fork, message: str, bad_request: bool) -> None:
+    def _reject(self, command: _Submit | _Fork, message: str, bad_request: bool, too_long: bool = False) -> None:
         if isinstance(command, _Fork):
-            self._publish([Rejected(command.new_request_id, message, bad_request)])
+            self._publish([Rejected(command.new_request_id, message, bad_request, too_long)])
             return
         for sample_id in _group_ids(command.request_id, getattr(command.params, "n", 1))[1:]:
             self._owners.pop(sample_id, None)  # the main id's owner goes with the Rejected
-        self._publish([Rejected(command.request_id, message, bad_request)])
+        self._publish([Rejected(command.request_id, message, bad_request, too_long)])
 
     def _add_request(self, llm: LLM, command: _Submit) -> None:
         prompt = llm.encode_chat(list(command.prompt)) if command.chat else command.prompt

@@ -175,7 +175,7 @@ class Turns:
             if isinstance(event, RequestOutput):
                 self._on_output(event, changes)
             elif isinstance(event, Rejected):
-                self._fail(event.request_id, event.message, changes)
+                self._fail(event.request_id, event.message, changes, too_long=event.too_long)
             elif isinstance(event, EngineFailed):
                 for request_id in event.request_ids:
                     self._fail(request_id, event.message, changes)
@@ -255,13 +255,13 @@ class Turns:
             if len(turn.done) == len(turn.request_ids):
                 self._end(session, turn, output.finish_reason or "stop", changes)
 
-    def _fail(self, request_id: str, message: str, changes: Changes) -> None:
+    def _fail(self, request_id: str, message: str, changes: Changes, too_long: bool = False) -> None:
         found = self._session_of(request_id)
         if found is None:
             return
         turn, session = found
         changes.sessions.add(session.id)
-        if turn.params and not turn.fork_of and _too_long(message) and session.drop_oldest_turn():
+        if turn.params and not turn.fork_of and too_long and session.drop_oldest_turn():
             self._forget(turn)
             self._submit(session, turn.params, turn.regenerate)
             dropped = session.window
@@ -309,10 +309,3 @@ class Turns:
             self.sessions.append(session, Message("assistant", texts[0]))
         self.sessions.end_checkpoint(session)
 
-
-# What the engine's rejection says when a prompt can never fit (see InputProcessor.tokenize).
-_TOO_LONG = ("the model's context is", "the whole KV pool has")
-
-
-def _too_long(message: str) -> bool:
-    return any(phrase in message for phrase in _TOO_LONG)
