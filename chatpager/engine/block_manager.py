@@ -55,11 +55,15 @@ class BlockManager:
         """Make seq.block_hashes cover its first `num_full_blocks` full blocks."""
         bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
         for i in range(len(hashes), num_full_blocks):
-            parent = hashes[i - 1] if i else self.root(seq)
-            hashes.append(block_key(parent, tokens[i * bs:(i + 1) * bs]))
+            hashes.append(block_key(self._parent_key(seq, i), tokens[i * bs:(i + 1) * bs]))
 
     def root(self, seq: Sequence) -> BlockKey:
         return _root(self.model_key, seq.cache_salt)
+
+    def _parent_key(self, seq: Sequence, i: int) -> BlockKey:
+        """The key that block `i` of `seq` continues: block i-1's, or the root for the first.
+        Needs seq.block_hashes to cover the first i blocks."""
+        return seq.block_hashes[i - 1] if i else self.root(seq)
 
     def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Make every block that is full once `num_tokens` tokens are computed hittable now:
@@ -69,9 +73,8 @@ class BlockManager:
         self._extend_hashes(seq, full)
         bs = self.block_size
         for i in range(seq.num_registered_blocks, full):
-            parent = seq.block_hashes[i - 1] if i else self.root(seq)
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            if self.pool.cache(seq.blocks[i], seq.block_hashes[i], parent, tokens):
+            if self.pool.cache(seq.blocks[i], seq.block_hashes[i], self._parent_key(seq, i), tokens):
                 self._registered_this_step.append(seq.blocks[i])
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
@@ -100,7 +103,7 @@ class BlockManager:
         want = seq.token_ids[start:min(start + bs, limit)]
         if not want:
             return match
-        parent = seq.block_hashes[len(match.blocks) - 1] if match.blocks else self.root(seq)
+        parent = self._parent_key(seq, len(match.blocks))
         pending = {b.block_id for b in self._registered_this_step}  # K/V not written yet: no copy
         for block in self.pool.candidates(parent, want[0]):
             if block.block_id in pending:
@@ -194,8 +197,7 @@ class BlockManager:
         self.pool.free(reversed(seq.blocks))
         if tail is not None and tail.ref_cnt == 0 and tail.block_hash is None:
             self._extend_hashes(seq, full)
-            parent = seq.block_hashes[full - 1] if full else self.root(seq)
-            self.pool.cache_partial(tail, parent, tuple(seq.token_ids[full * bs:computed]))
+            self.pool.cache_partial(tail, self._parent_key(seq, full), tuple(seq.token_ids[full * bs:computed]))
         seq.blocks = []
         seq.num_registered_blocks = 0
 

@@ -45,10 +45,13 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
     """logits [rows, vocab] float32 on CPU; one token per row."""
     tokens = logits.argmax(-1).tolist()
     vocab = logits.shape[-1]
-    rows = [i for i, p in enumerate(params)
-            if not p.greedy and (0 < params[i].top_k < vocab or params[i].top_p < 1.0)]
-    for i, p in enumerate(params):  # plain temperature sampling: the whole vocabulary anyway
-        if not p.greedy and i not in rows:
+    rows = []  # rows that sample from a truncated distribution, batched below
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        if 0 < p.top_k < vocab or p.top_p < 1.0:
+            rows.append(i)
+        else:  # plain temperature sampling: the whole vocabulary anyway
             tokens[i] = sample(logits[i], p, generators[i])
     if not rows:
         return tokens
