@@ -14,7 +14,7 @@ from chatpager.engine.config import EngineConfig, ModelConfig
 from chatpager.engine.kv_cache import KVCache
 from chatpager.engine.kv_quant import KVFormat, resolve_kv_format
 from chatpager.engine.llm_engine import LLMEngine
-from chatpager.engine.loader import (eos_token_ids, load_hf_config, load_int4_codes, load_state_dict,
+from chatpager.engine.loader import (eos_token_ids, load_int4_codes, load_model_config, load_state_dict,
                                      load_tokenizer, resolve_model_dir)
 from chatpager.engine.model import Model
 from chatpager.engine.model_runner import ModelRunner
@@ -73,8 +73,8 @@ def _model_max_len(cfg: ModelConfig) -> int:
     limit = cfg.max_position_embeddings
     if cfg.sliding_window and not cfg.uniform_sliding_window:  # full attention on mixed layers: stay inside
         limit = min(limit, cfg.sliding_window)
-    params = getattr(cfg.hf_config, "rope_parameters", None) or getattr(cfg.hf_config, "rope_scaling", None) or {}
-    if params.get("rope_type", params.get("type")) == "dynamic":
+    params = cfg.rope_parameters
+    if params["rope_type"] == "dynamic":
         limit = min(limit, params.get("original_max_position_embeddings", limit))
     return limit
 
@@ -111,8 +111,7 @@ class LLM:
         if progress:
             progress("reading model config", None)
         model_dir = resolve_model_dir(model, progress)
-        hf_config = load_hf_config(model_dir)
-        mcfg = ModelConfig.from_hf(hf_config)
+        mcfg = load_model_config(model_dir)
         backend = select_backend(attention, dev, kv_quantized=kv_format.quantized,
                                  sliding_window=mcfg.uniform_sliding_window)
         limit = _model_max_len(mcfg)
@@ -139,7 +138,7 @@ class LLM:
                            "quantization": quant, "kv_cache_dtype": kv_format.name,
                            "kv_bytes_per_block": kv.bytes_per_block}
         budget = max_num_batched_tokens or (512 if dev.type == "cpu" else 8192)
-        self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids(model_dir, hf_config, self.tokenizer),
+        self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids(model_dir, mcfg, self.tokenizer),
                                 config, max_len, budget, self.model_info, speculative=spec)
         if progress:
             progress("ready", 1.0)
@@ -167,10 +166,7 @@ class LLM:
         """Token ids of a conversation with the model's chat template and a generation prompt."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelLoadError("this model's tokenizer has no chat template; use generate() instead")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  params: SamplingParams | None = None, cache_salt: str | None = None) -> list[RequestOutput]:

