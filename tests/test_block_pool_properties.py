@@ -6,7 +6,12 @@ prefix hits are common) and simulates the K/V contents as the token each slot ho
 sequence reads its own tokens" are checkable. Work is grouped into steps as the engine does:
 admissions and appends schedule tokens (their blocks become hittable at once, so later
 admissions of the same step share them), then the step either computes — all copies, then
-all writes, then all reads — or fails, and nothing it registered stays hittable.
+all writes, then all reads — or fails, and nothing it registered stays hittable. Sequences
+are also swapped out and back in (their K/V travels through "host memory").
+The same machine runs with a sliding window: blocks before a sequence's window are released
+(null entries, never written, never read), reads cover only the window, prefix hits need
+only the blocks inside it, and a sequence appending one token holds at most
+cdiv(W, block_size) + 1 blocks.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from chatpager.engine.block_manager import BlockManager
+from chatpager.engine.block_manager import BlockManager, cdiv
 from chatpager.engine.block_pool import BlockPool
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.engine.sequence import Sequence
@@ -24,11 +29,14 @@ NUM_BLOCKS = 12
 
 
 class PoolMachine(RuleBasedStateMachine):
+    WINDOW: int | None = None
+
     @initialize()
     def setup(self) -> None:
         self.pool = BlockPool(NUM_BLOCKS)
-        self.bm = BlockManager(self.pool, BLOCK_SIZE)
+        self.bm = BlockManager(self.pool, BLOCK_SIZE, sliding_window=self.WINDOW)
         self.live: list[Sequence] = []
+        self.swapped: list[tuple[Sequence, list[list[int | None]]]] = []  # with their host copy
         self.contents: dict[int, list[int | None]] = {i: [None] * BLOCK_SIZE for i in range(NUM_BLOCKS)}
         self.chains: dict[bytes, tuple[int, ...]] = {}  # hash -> the token chain it names
         self.salts: dict[bytes, str | None] = {}  # hash -> the cache salt of the chain
@@ -52,7 +60,8 @@ class PoolMachine(RuleBasedStateMachine):
         seq = Sequence(f"s{self.n}", tokens, SamplingParams(), max_len=10**6, cache_salt=salt)
         self.n += 1
         match = self.bm.match_prefix(seq)
-        for i, block in enumerate(match.blocks):  # a hit names the same chain, salt included
+        assert match.skipped == 0 or self.WINDOW  # without a window a hit is a chain from the start
+        for i, block in enumerate(match.blocks, start=match.skipped):  # the same chain, salt included
             assert self.chains[block.block_hash] == tuple(tokens[:(i + 1) * BLOCK_SIZE])
             assert self.salts[block.block_hash] == salt
         reused = match.num_tokens(BLOCK_SIZE)
@@ -76,6 +85,8 @@ class PoolMachine(RuleBasedStateMachine):
             seq.token_ids.pop()
             seq.block_hashes = seq.block_hashes[:seq.num_tokens // BLOCK_SIZE]
             return
+        if self.WINDOW:  # a decoding sequence holds a window's worth of blocks, whatever its length
+            assert len(seq.blocks) - seq.num_null_blocks <= cdiv(self.WINDOW, BLOCK_SIZE) + 1
         self._schedule(seq, 1, copies)
 
     @precondition(lambda self: self.scheduled)
@@ -87,6 +98,7 @@ class PoolMachine(RuleBasedStateMachine):
         for seq, count in self.scheduled:
             for p in range(seq.num_computed_tokens, seq.num_computed_tokens + count):
                 block = seq.blocks[p // BLOCK_SIZE]
+                assert block is not None, "a write into a released (null) entry"
                 # invariant 4: a shared block is only written with the very chain its hash names
                 # (a same-step hit by another request), never with anything else
                 if block.ref_cnt > 1:
@@ -94,10 +106,12 @@ class PoolMachine(RuleBasedStateMachine):
                     assert self.chains[block.block_hash][p] == seq.token_ids[p]
                 self.contents[block.block_id][p % BLOCK_SIZE] = seq.token_ids[p]
         for seq, count in self.scheduled:
+            # what this step's queries read: from the first one's window on (all, without a window)
+            first = max(0, seq.num_computed_tokens - self.WINDOW + 1) if self.WINDOW else 0
             seq.num_computed_tokens += count
             context = [self.contents[seq.blocks[p // BLOCK_SIZE].block_id][p % BLOCK_SIZE]
-                       for p in range(seq.num_computed_tokens)]
-            assert context == seq.token_ids[:seq.num_computed_tokens], "read another chain's K/V"
+                       for p in range(first, seq.num_computed_tokens)]
+            assert context == seq.token_ids[first:seq.num_computed_tokens], "read another chain's K/V"
         self.bm.end_step(computed=True)
         self.scheduled, self.copies = [], []
 
@@ -123,6 +137,29 @@ class PoolMachine(RuleBasedStateMachine):
         self.bm.fork(parent, child)
         self.live.append(child)
 
+    @precondition(lambda self: any(s.num_computed_tokens for s in self.live) and not self.scheduled)
+    @rule(data=st.data())
+    def swap_out(self, data):
+        """Preemption by swapping: the K/V its next queries read go to host memory."""
+        seq = data.draw(st.sampled_from([s for s in self.live if s.num_computed_tokens]))
+        host = [list(self.contents[b]) for b in self.bm.swap_out_table(seq)]
+        self.bm.free(seq)
+        self.live.remove(seq)
+        self.swapped.append((seq, host))
+
+    @precondition(lambda self: self.swapped and not self.scheduled)
+    @rule()
+    def swap_in(self):
+        seq, host = self.swapped[0]
+        table = self.bm.allocate_fresh(seq)
+        if table is None:
+            return
+        assert len(table) == len(host)
+        for block_id, slots in zip(table, host):
+            self.contents[block_id] = list(slots)
+        self.swapped.pop(0)
+        self.live.append(seq)
+
     @precondition(lambda self: self.live and not self.scheduled)
     @rule(data=st.data())
     def finish(self, data):
@@ -134,9 +171,18 @@ class PoolMachine(RuleBasedStateMachine):
     def refcounts_match_tables(self):  # invariant 1
         counts = [0] * NUM_BLOCKS
         for s in self.live:
-            for b in s.blocks:
+            for b in s.blocks[s.num_null_blocks:]:
                 counts[b.block_id] += 1
         assert counts == [b.ref_cnt for b in self.pool.blocks]
+        for s, _ in self.swapped:
+            assert s.blocks == []
+
+    @invariant()
+    def nulls_are_a_leading_run_behind_the_window(self):
+        for s in self.live:
+            k = s.num_null_blocks
+            assert all(b is None for b in s.blocks[:k]) and all(b is not None for b in s.blocks[k:])
+            assert k == 0 or (self.WINDOW and k * BLOCK_SIZE <= s.num_computed_tokens - self.WINDOW + 1)
 
     @invariant()
     def free_iff_unreferenced(self):  # invariant 2
@@ -176,6 +222,14 @@ class PoolMachine(RuleBasedStateMachine):
 
 TestPool = PoolMachine.TestCase
 TestPool.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+class WindowedPoolMachine(PoolMachine):
+    WINDOW = 6  # not a multiple of the block size: the window's first block is partly visible
+
+
+TestWindowedPool = WindowedPoolMachine.TestCase
+TestWindowedPool.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 
 
 def test_lru_evicts_least_recently_freed_and_tail_first():

@@ -13,6 +13,16 @@ Copy-on-write: the only block a step can write into that already holds tokens is
 sequence's partly filled last block; if it is shared (refcount > 1, after a fork), it is
 replaced by a fresh copy first. Full blocks are never written again, except by the step
 that computes them, which a same-step hit shares (it expects exactly those K/V).
+Sliding window (W, the same for every layer; a model with any full-attention layer has none
+here): blocks wholly before the window of a sequence's next token are never read again, so
+each step releases them first (their table entries become null, see sequence.py; a cached
+one stays hittable in the free queue, a shared one stays with its other holders). A sequence
+then holds at most cdiv(W - 1 + n, block_size) + 1 blocks in a step that computes n of its
+tokens: cdiv(W, block_size) + 1 while decoding, whatever its length; a long prompt is
+bounded by its prefill chunk (max_num_batched_tokens), recompute after preemption included.
+A block's key names its whole token chain, so its K/V (which depend on everything before,
+through the layers) are right wherever it is found: a windowed prefix hit needs only the
+chain's blocks inside the window of the first token left to compute.
 """
 from __future__ import annotations
 
@@ -35,17 +45,21 @@ class PrefixMatch:
     blocks: list[Block] = field(default_factory=list)
     partial: Block | None = None
     partial_tokens: int = 0
+    skipped: int = 0  # leading blocks of the chain not needed (before the window): null entries
 
     def num_tokens(self, block_size: int) -> int:
-        return len(self.blocks) * block_size + self.partial_tokens
+        return (self.skipped + len(self.blocks)) * block_size + self.partial_tokens
 
 
 class BlockManager:
-    def __init__(self, pool: BlockPool, block_size: int, model_key: str | None = None) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, model_key: str | None = None,
+                 sliding_window: int | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
         self.model_key = model_key
+        self.window = sliding_window
         self.cow_copies = 0
+        self.window_released = 0  # blocks released for falling outside the sliding window
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
         self._registered_this_step: list[Block] = []  # hittable before their K/V are written
@@ -74,8 +88,9 @@ class BlockManager:
         bs = self.block_size
         for i in range(seq.num_registered_blocks, full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            if self.pool.cache(seq.blocks[i], seq.block_hashes[i], self._parent_key(seq, i), tokens):
-                self._registered_this_step.append(seq.blocks[i])
+            block = seq.blocks[i]
+            if block is not None and self.pool.cache(block, seq.block_hashes[i], self._parent_key(seq, i), tokens):
+                self._registered_this_step.append(block)
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
     def end_step(self, computed: bool) -> None:
@@ -94,16 +109,20 @@ class BlockManager:
             return match
         bs, limit = self.block_size, seq.num_tokens - 1
         self._extend_hashes(seq, limit // bs)
-        for h in seq.block_hashes[:limit // bs]:
-            block = self.pool.cached_block(h)
-            if block is None:
-                break
-            match.blocks.append(block)
-        start = len(match.blocks) * bs
+        if self.window:
+            self._match_window(seq, limit // bs, match)
+        else:
+            for h in seq.block_hashes[:limit // bs]:
+                block = self.pool.cached_block(h)
+                if block is None:
+                    break
+                match.blocks.append(block)
+        full = match.skipped + len(match.blocks)
+        start = full * bs
         want = seq.token_ids[start:min(start + bs, limit)]
         if not want:
             return match
-        parent = self._parent_key(seq, len(match.blocks))
+        parent = self._parent_key(seq, full)
         pending = {b.block_id for b in self._registered_this_step}  # K/V not written yet: no copy
         for block in self.pool.candidates(parent, want[0]):
             if block.block_id in pending:
@@ -113,8 +132,19 @@ class BlockManager:
                 match.partial, match.partial_tokens = block, n
         return match
 
+    def _match_window(self, seq: Sequence, num_full: int, match: PrefixMatch) -> None:
+        """The most full blocks `k` of seq's chain that can be reused under the window: those
+        of blocks first_needed(k * bs) .. k - 1 must all be cached; earlier ones need not be."""
+        best, run = 0, 0  # run: cached blocks ending at the current one
+        for i, h in enumerate(seq.block_hashes[:num_full]):
+            run = run + 1 if self.pool.cached_block(h) is not None else 0
+            if run and run >= i + 1 - self._first_needed((i + 1) * self.block_size):
+                best = i + 1
+        match.skipped = self._first_needed(best * self.block_size)
+        match.blocks = [self.pool.cached_block(h) for h in seq.block_hashes[match.skipped:best]]
+
     def can_admit(self, match: PrefixMatch, num_new_tokens: int) -> bool:
-        full = len(match.blocks)
+        full = match.skipped + len(match.blocks)
         new_blocks = cdiv(match.num_tokens(self.block_size) + num_new_tokens, self.block_size) - full
         revived = sum(1 for b in match.blocks if b.ref_cnt == 0)  # hits that sit in the free queue
         if match.partial is not None and match.partial.ref_cnt == 0 and match.partial.block_hash is not None:
@@ -125,7 +155,8 @@ class BlockManager:
         """Give `seq` the matched blocks; returns block copies to run before the forward."""
         for b in match.blocks:
             self.pool.touch(b)
-        seq.blocks = list(match.blocks)
+        seq.blocks = [None] * match.skipped + match.blocks
+        seq.num_null_blocks = match.skipped
         copies = []
         src = match.partial
         if src is not None:
@@ -138,7 +169,7 @@ class BlockManager:
                 self.pool.free([src])
                 seq.blocks.append(dst)
                 copies.append((src.block_id, dst.block_id))
-        seq.num_registered_blocks = len(match.blocks)
+        seq.num_registered_blocks = match.skipped + len(match.blocks)
         seq.num_computed_tokens = match.num_tokens(self.block_size)
         self.prefix_query_tokens += seq.num_tokens
         self.prefix_hit_tokens += seq.num_computed_tokens
@@ -151,7 +182,9 @@ class BlockManager:
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
         """Blocks for the next `num_new_tokens` tokens, which this step computes: the blocks
         they fill become hittable at once. Returns block copies to run before the forward
-        (copy-on-write), or None, changing nothing, if the pool is too short."""
+        (copy-on-write), or None, allocating nothing, if the pool is too short. Blocks before
+        the window of the first new token are released first, either way."""
+        self.release_outside_window(seq)
         bs = self.block_size
         need = cdiv(seq.num_computed_tokens + num_new_tokens, bs) - len(seq.blocks)
         idx = seq.num_computed_tokens // bs
@@ -172,18 +205,59 @@ class BlockManager:
                                             seq.num_tokens - seq.num_spec_tokens))
         return copies
 
-    def allocate_fresh(self, seq: Sequence, num_blocks: int) -> bool:
-        """Fresh blocks for a swapped-out sequence coming back (its K/V is copied in after)."""
-        if num_blocks > self.pool.num_free:
-            return False
-        seq.blocks = [self.pool.allocate() for _ in range(num_blocks)]
+    # --- sliding window --------------------------------------------------------------------
+    def _first_needed(self, position: int) -> int:
+        """How many leading blocks no query at `position` or later reads: those wholly before
+        its window (it sees position - W + 1 .. position). 0 without a window."""
+        if not self.window:
+            return 0
+        return max(0, position - self.window + 1) // self.block_size
+
+    def max_blocks_held(self, max_step_tokens: int) -> int | None:
+        """The most blocks one sequence holds at a time when a step computes at most
+        `max_step_tokens` of its tokens: bounded by the window, else None (its whole length)."""
+        if not self.window:
+            return None
+        return cdiv(self.window - 1 + max_step_tokens, self.block_size) + 1
+
+    def release_outside_window(self, seq: Sequence) -> None:
+        """Release the blocks before the window of seq's next token: null entries from now on."""
+        first = self._first_needed(seq.num_computed_tokens)
+        if first <= seq.num_null_blocks:
+            return
+        dead = seq.blocks[seq.num_null_blocks:first]
+        seq.blocks[seq.num_null_blocks:first] = [None] * len(dead)
+        seq.num_null_blocks = first
+        self.pool.free(reversed(dead))
+        self.window_released += len(dead)
+
+    # --- swap and fork -------------------------------------------------------------------
+    def swap_out_table(self, seq: Sequence) -> list[int]:
+        """The blocks a swap-out copies to host memory: those of seq's computed tokens that
+        its next queries read (blocks before the window are released instead)."""
+        self.release_outside_window(seq)
+        return seq.block_table[seq.num_null_blocks:cdiv(seq.num_computed_tokens, self.block_size)]
+
+    def allocate_fresh(self, seq: Sequence) -> list[int] | None:
+        """Fresh blocks where `swap_out_table` took seq's K/V from (it is copied in after);
+        their ids, or None, allocating nothing, unless the pool also keeps room for the block
+        its next token may open."""
+        first = self._first_needed(seq.num_computed_tokens)
+        count = cdiv(seq.num_computed_tokens, self.block_size) - first
+        if count + 1 > self.pool.num_free:
+            return None
+        fresh = [self.pool.allocate() for _ in range(count)]
+        seq.blocks = [None] * first + fresh
+        seq.num_null_blocks = first
         seq.num_registered_blocks = 0  # fresh copies: register them again as they are confirmed
-        return True
+        return [b.block_id for b in fresh]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        for b in parent.blocks:
+        """`child` shares every block `parent` holds; parent's nulls are the child's too."""
+        for b in parent.blocks[parent.num_null_blocks:]:
             self.pool.touch(b)
         child.blocks = list(parent.blocks)
+        child.num_null_blocks = parent.num_null_blocks
         child.num_registered_blocks = parent.num_registered_blocks
 
     def free(self, seq: Sequence, keep_tail: bool = True) -> None:
@@ -194,11 +268,12 @@ class BlockManager:
         bs, computed = self.block_size, seq.num_computed_tokens
         full = computed // bs
         tail = seq.blocks[full] if keep_tail and computed % bs and len(seq.blocks) > full else None
-        self.pool.free(reversed(seq.blocks))
+        self.pool.free(reversed(seq.blocks[seq.num_null_blocks:]))
         if tail is not None and tail.ref_cnt == 0 and tail.block_hash is None:
             self._extend_hashes(seq, full)
             self.pool.cache_partial(tail, self._parent_key(seq, full), tuple(seq.token_ids[full * bs:computed]))
         seq.blocks = []
+        seq.num_null_blocks = 0
         seq.num_registered_blocks = 0
 
     def rollback(self, seq: Sequence, num_tokens: int) -> None:

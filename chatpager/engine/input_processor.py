@@ -18,6 +18,10 @@ from chatpager.errors import PromptTooLong, RequestError
 
 
 class InputProcessor:
+    # Set by the engine when a sliding window bounds the blocks one sequence holds at a time
+    # and that bound fits the pool: then the pool limits no prompt's or sequence's length.
+    window_fits_pool = False
+
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, block_size: int,
                  num_blocks: int) -> None:
         self.tokenizer = tokenizer
@@ -42,7 +46,7 @@ class InputProcessor:
         if n >= self.max_model_len:
             raise PromptTooLong(f"prompt has {n} tokens; the model's context is {self.max_model_len} "
                                f"and at least one must be left to generate")
-        if n + 1 > self.pool_tokens:
+        if n + 1 > self.pool_tokens and not self.window_fits_pool:
             bs = self.block_size
             raise PromptTooLong(f"prompt needs {-(-(n + 1) // bs)} blocks but the whole KV pool has "
                                f"{self.num_blocks}; use a larger pool or a shorter prompt")
@@ -72,7 +76,7 @@ class InputProcessor:
         clash = [i for i in sample_ids if i in taken]
         if clash:
             raise RequestError(f"request id {clash[0]!r} (a sample of {request_id!r}) is already in use")
-        max_len = min(self.max_model_len, self.pool_tokens)
+        max_len = self.max_model_len if self.window_fits_pool else min(self.max_model_len, self.pool_tokens)
         leader = Sequence(request_id, token_ids, params, max_len=max_len, cache_salt=cache_salt)
         if params.n == 1:
             return [leader]

@@ -46,11 +46,14 @@ class LLMEngine:
         self.runner = runner
         kv: KVCache = runner.kv_cache
         self.pool = BlockPool(kv.data.shape[2], config.enable_prefix_caching)
-        self.block_manager = BlockManager(self.pool, config.block_size, model_key=model_info.get("name"))
+        self.block_manager = BlockManager(self.pool, config.block_size, model_key=model_info.get("name"),
+                                          sliding_window=runner.model.config.uniform_sliding_window)
         self.scheduler = Scheduler(self.block_manager, kv, config.max_num_seqs, max_num_batched_tokens,
                                    config.preemption_mode)
         self.inputs = InputProcessor(tokenizer, runner.model.config.vocab_size, max_model_len,
                                      config.block_size, self.pool.num_blocks)
+        bound = self.block_manager.max_blocks_held(max_num_batched_tokens)
+        self.inputs.window_fits_pool = bound is not None and bound <= self.pool.num_blocks
         self.outputs = OutputProcessor(tokenizer, eos_token_ids)
         self.seqs: dict[str, Sequence] = {}  # every live request, group samples not yet forked included
         self._finished_out: list[RequestOutput] = []  # aborts, reported by the next step

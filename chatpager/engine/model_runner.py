@@ -1,7 +1,8 @@
 """Turns a scheduled batch into flat tensors in one place, runs the model, returns logits.
 
 Per step: input ids and positions of every new token (packed, no padding), the slot of each
-(block_id * block_size + offset), block tables padded to the longest, context lengths after
+(block_id * block_size + offset; never in a null entry: those lie before every position a step
+computes), block tables padded to the longest, context lengths after
 the step, query start offsets, and the rows whose logits are needed (sequences whose last
 known token is computed this step; a prefill chunk that stops short samples nothing).
 """
@@ -35,6 +36,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + n
             table = seq.block_table
+            if start < seq.num_null_blocks * bs:  # would write into a released block: a bookkeeping bug
+                raise RuntimeError(f"{seq.request_id}: position {start} lies in a released (null) block")
             input_ids.extend(seq.token_ids[start:end])
             pos = range(start, end)
             positions.extend(pos)

@@ -43,8 +43,13 @@ class SequenceView:
     num_tokens: int
     num_computed_tokens: int
     num_cached_tokens: int
-    block_table: tuple[int, ...]
+    block_table: tuple[int, ...]  # NULL_BLOCK (-1): released, outside the sliding window
     parent_id: str | None = None
+
+    @property
+    def held_blocks(self) -> tuple[int, ...]:
+        """The physical blocks this sequence holds (its table without null entries)."""
+        return tuple(b for b in self.block_table if b >= 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,8 @@ When the pool runs short the scheduler preempts the sequence last in scheduling 
 newest prefill, else the newest decode): `recompute` frees its blocks (they stay in the prefix
 cache, so readmission is mostly hits) and puts it at the front of the waiting queue; `swap`
 copies its blocks to host memory first. Nothing new is admitted in a step that preempted.
+With a sliding window, allocating a sequence's slots first releases its blocks that fell
+behind the window (BlockManager), so a long sequence's room comes back to every step's budget.
 Finished and aborted sequences are dropped lazily (status check), so abort is O(1).
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from chatpager.engine.block_manager import BlockManager, cdiv
+from chatpager.engine.block_manager import BlockManager
 from chatpager.engine.kv_cache import KVCache
 from chatpager.engine.sequence import Sequence, Status
 
@@ -101,12 +103,11 @@ class Scheduler:
             if seq.is_finished:
                 self.swapped.popleft()
                 continue
-            held = cdiv(seq.num_computed_tokens, self.bm.block_size)
-            # room for its cached blocks plus the block its next token may open
-            if held + 1 > self.bm.pool.num_free or not self.bm.allocate_fresh(seq, held):
+            table = self.bm.allocate_fresh(seq)
+            if table is None:
                 break
             self.swapped.popleft()
-            self.kv_cache.swap_in(seq.swapped_kv, seq.block_table)
+            self.kv_cache.swap_in(seq.swapped_kv, table)
             self.swap_ins += 1
             seq.swapped_kv = None
             seq.status = Status.RUNNING
@@ -139,8 +140,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.preemptions += 1
         if self.preemption_mode == "swap" and seq.num_computed_tokens > 0:
-            held = cdiv(seq.num_computed_tokens, self.bm.block_size)
-            seq.swapped_kv = self.kv_cache.swap_out(seq.block_table[:held])
+            seq.swapped_kv = self.kv_cache.swap_out(self.bm.swap_out_table(seq))
             self.swap_outs += 1
             self.bm.free(seq)
             seq.status = Status.SWAPPED

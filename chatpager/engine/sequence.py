@@ -1,5 +1,11 @@
 """One request's tokens, block table and progress. A Sequence never allocates: the
-BlockManager fills its block table and the Scheduler moves it between states."""
+BlockManager fills its block table and the Scheduler moves it between states.
+
+With a sliding window, the table's leading entries may be null (None in `blocks`, NULL_BLOCK
+in `block_table`): blocks wholly before the window of every query still to come, released
+(see BlockManager.release_outside_window). Nulls are always one leading run, of length
+`num_null_blocks`, and lie before every position a step writes.
+"""
 from __future__ import annotations
 
 import enum
@@ -13,6 +19,8 @@ from chatpager.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from chatpager.engine.request_group import RequestGroup
+
+NULL_BLOCK = -1  # a released table entry, as the attention kernels see it (never read there)
 
 
 class Status(enum.Enum):
@@ -36,7 +44,8 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
-        self.blocks: list[Block] = []
+        self.blocks: list[Block | None] = []  # None: released, outside the sliding window
+        self.num_null_blocks = 0  # the leading run of None in `blocks`
         self.block_hashes: list[bytes] = []  # key chain of the leading full blocks of token_ids
         self.num_registered_blocks = 0  # leading blocks of the table already recorded in the pool
         self.num_spec_tokens = 0  # trailing tokens proposed for verification: only inside a step
@@ -64,5 +73,5 @@ class Sequence:
 
     @property
     def block_table(self) -> list[int]:
-        return [b.block_id for b in self.blocks]
+        return [NULL_BLOCK if b is None else b.block_id for b in self.blocks]
 

@@ -40,10 +40,10 @@ def engine_stats(engine: LLMEngine) -> dict:
     live = [s for s in engine.seqs.values() if s.blocks]
     filled: dict[int, int] = {}
     for s in live:
-        for i, b in enumerate(s.blocks):
+        for i, b in enumerate(s.blocks[s.num_null_blocks:], start=s.num_null_blocks):
             n = min(bs, max(0, s.num_computed_tokens - i * bs))
             filled[b.block_id] = max(filled.get(b.block_id, 0), n)
-    logical = sum(len(s.blocks) for s in live)
+    logical = sum(len(s.blocks) - s.num_null_blocks for s in live)
     held = pool.num_blocks - pool.num_free
     q = bm.prefix_query_tokens
     return {
@@ -61,6 +61,7 @@ def engine_stats(engine: LLMEngine) -> dict:
         "swap_outs": sched.swap_outs,
         "swap_ins": sched.swap_ins,
         "cow_copies": bm.cow_copies,
+        "window_released_blocks": bm.window_released,
         "kv_utilization": sum(filled.values()) / (len(filled) * bs) if filled else 0.0,
         "sharing_ratio": logical / held if held else 1.0,
         "running": sum(1 for s in sched.running if not s.is_finished),

@@ -112,7 +112,7 @@ class Tour:
         return [v for v in snapshot.sequences if v.request_id.split(".")[0] == session.request_id]
 
     def _blocks_of(self, session: Session | None) -> set[int]:
-        return {block for view in self._views(session) for block in view.block_table}
+        return {block for view in self._views(session) for block in view.held_blocks}
 
     def _grew(self, counter: str) -> bool:
         snapshot = self._snapshot()

@@ -21,7 +21,7 @@ def describe(session: Session, snapshot: CacheSnapshot | None) -> str:
                      f"prefix-cache hits ({share:.0f}%)")
     views = [] if snapshot is None or session.request_id is None else [
         view for view in snapshot.sequences if view.request_id.split(".")[0] == session.request_id]
-    blocks = {block for view in views for block in view.block_table}
+    blocks = {block for view in views for block in view.held_blocks}
     if blocks:
         shared = sum(1 for block in blocks if snapshot.refcounts[block] > 1)
         lines.append(f"Holds {len(blocks)} blocks now, {shared} shared with other sequences")

@@ -114,9 +114,9 @@ class Turns:
         reserved = 0
         for view in snapshot.sequences:
             turn = self._turns.get(view.request_id)
-            if turn is None or turn.params is None or not view.block_table:
+            if turn is None or turn.params is None or not view.held_blocks:
                 continue
-            held.update(view.block_table)
+            held.update(view.held_blocks)
             reserved += -(-(view.num_prompt_tokens + turn.params.max_tokens) // snapshot.block_size)
         return (len(held), reserved) if held else None
 

@@ -105,7 +105,7 @@ class MainScreen(Screen):
             if session.request_id and view.request_id.split(".")[0] == session.request_id
         ]
         block_map = self.query_one(BlockMap)
-        focus = demo[1] if demo else {block for view in views for block in view.block_table}
+        focus = demo[1] if demo else {block for view in views for block in view.held_blocks}
         block_map.show(snapshot, focus)
         stats.show(snapshot.stats, model_info, contiguous)
         self.query_one(BlockTable).show(

@@ -1,4 +1,5 @@
-"""The focused session's block tables: logical block → physical block, refcount, hit/miss."""
+"""The focused session's block tables: logical block → physical block, refcount, hit/miss.
+Null entries (released outside a sliding window) are one leading run, shown as one line."""
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
@@ -21,14 +22,18 @@ def describe(
     copied: Collection[int],
     columns: int,
 ) -> Text:
-    """A header line, then `logical→physical ×refcount hit|miss|cow` for every block."""
+    """A header line, then `logical→physical ×refcount hit|miss|cow` for every block held."""
     hit_blocks = view.num_cached_tokens // block_size
     text = Text.assemble(
         (view.request_id, "bold"),
         f" {view.status} · {view.num_tokens} tok, {view.num_cached_tokens} cached",
     )
-    for index, block in enumerate(view.block_table):
-        text.append("\n" if index % columns == 0 else " ")
+    nulls = len(view.block_table) - len(view.held_blocks)
+    if nulls:
+        first = "  0" if nulls == 1 else f"  0-{nulls - 1}"
+        text.append(f"\n{first}→ released (outside the sliding window)", "dim")
+    for index, block in enumerate(view.block_table[nulls:], start=nulls):
+        text.append("\n" if (index - nulls) % columns == 0 else " ")
         refcount = refcounts[block]
         style = SHARED_STYLES[min(refcount, 4) - 2] if refcount > 1 else USED_STYLE
         text.append(f"{index:>3}→{block:>4}", style)
