@@ -2,8 +2,8 @@
 with copy-on-write, hashing blocks as they fill, fork and free.
 
 Hash chain: a full block's key = SHA-256(parent key, its token ids), the first block's parent
-being a root key over the extra keys (model identity, the request's cache salt), so equal keys
-name equal token chains under equal extra keys (see block_keys.py).
+being a root key over the extra keys (model identity, the request's cache salt and LoRA
+adapter), so equal keys name equal token chains under equal extra keys (see block_keys.py).
 Matching on admission: the longest chain of cached full blocks, then, below block
 granularity, the indexed block after that chain sharing the most leading tokens with the
 prompt (a cached full block that diverges midway, or the partly filled last block of a
@@ -72,7 +72,7 @@ class BlockManager:
             hashes.append(block_key(self._parent_key(seq, i), tokens[i * bs:(i + 1) * bs]))
 
     def root(self, seq: Sequence) -> BlockKey:
-        return _root(self.model_key, seq.cache_salt)
+        return _root(self.model_key, seq.cache_salt, seq.params.lora)
 
     def _parent_key(self, seq: Sequence, i: int) -> BlockKey:
         """The key that block `i` of `seq` continues: block i-1's, or the root for the first.
@@ -295,6 +295,6 @@ def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
     return n
 
 
-@lru_cache(maxsize=1024)  # one entry per (model, tenant) in use
-def _root(model_key: str | None, cache_salt: str | None) -> BlockKey:
-    return root_key(model_key, cache_salt)
+@lru_cache(maxsize=1024)  # one entry per (model, tenant, LoRA adapter) in use
+def _root(model_key: str | None, cache_salt: str | None, lora: str | None) -> BlockKey:
+    return root_key(model_key, cache_salt, lora)

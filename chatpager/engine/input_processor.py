@@ -23,8 +23,9 @@ class InputProcessor:
     window_fits_pool = False
 
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, block_size: int,
-                 num_blocks: int) -> None:
+                 num_blocks: int, lora_names: frozenset[str] = frozenset()) -> None:
         self.tokenizer = tokenizer
+        self.lora_names = lora_names  # the adapters a request may name (SamplingParams.lora)
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.block_size = block_size
@@ -55,6 +56,11 @@ class InputProcessor:
             raise RequestError(f"token ids out of the vocabulary (size {self.vocab_size}): {bad[:5]}")
         return token_ids
 
+    def check_lora(self, params: SamplingParams) -> None:
+        if params.lora is not None and params.lora not in self.lora_names:
+            loaded = ", ".join(sorted(self.lora_names)) or "none"
+            raise RequestError(f"unknown LoRA adapter {params.lora!r}; loaded adapters: {loaded}")
+
     def new_id(self, request_id: str | None, taken: Container[str]) -> str:
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -68,6 +74,7 @@ class InputProcessor:
                      cache_salt: str | None, taken: Container[str]) -> list[Sequence]:
         """The sequences of a new request: its own, then its parallel samples (n > 1)."""
         params = params or SamplingParams()
+        self.check_lora(params)
         token_ids = self.tokenize(prompt)
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise RequestError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
@@ -93,8 +100,12 @@ class InputProcessor:
 
     def fork_request(self, parent: Sequence, child_id: str, params: SamplingParams | None) -> Sequence:
         """A new request continuing from `parent`'s tokens; its output starts with the parent's
-        output so far and `max_tokens` counts from the fork."""
-        params = params or replace(parent.params, n=1)
+        output so far and `max_tokens` counts from the fork. It shares the parent's K/V, so it
+        runs under the parent's LoRA adapter: `params` naming another one is refused."""
+        if params is not None and params.lora not in (None, parent.params.lora):
+            raise RequestError(f"a fork continues under its parent's LoRA adapter "
+                               f"({parent.params.lora!r}), not {params.lora!r}")
+        params = replace(parent.params, n=1) if params is None else replace(params, lora=parent.params.lora)
         child = Sequence(child_id, parent.token_ids[:parent.num_prompt_tokens], params, parent.max_len,
                          parent_id=parent.request_id, cache_salt=parent.cache_salt)
         continue_from(child, parent)

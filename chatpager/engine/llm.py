@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Callable, Sequence as Seq
+from typing import Callable, Mapping, Sequence as Seq
 
 import torch
 
@@ -16,6 +16,8 @@ from chatpager.engine.kv_quant import KVFormat, resolve_kv_format
 from chatpager.engine.llm_engine import LLMEngine
 from chatpager.engine.loader import (eos_token_ids, load_int4_codes, load_model_config, load_state_dict,
                                      load_tokenizer, resolve_model_dir)
+from chatpager.engine.lora import load_adapters
+from chatpager.engine.lora_layers import LoraWeights
 from chatpager.engine.model import Model
 from chatpager.engine.model_runner import ModelRunner
 from chatpager.engine.outputs import RequestOutput, Sample
@@ -88,6 +90,7 @@ class LLM:
                  max_num_batched_tokens: int | None = None, quantization: str = "auto",
                  kv_cache_dtype: str = "auto", speculative: str | None = None,
                  num_speculative_tokens: int = 4, prompt_lookup_max: int = 4, prompt_lookup_min: int = 2,
+                 lora_adapters: Mapping[str, str | os.PathLike] | None = None, max_loras: int = 4,
                  progress: Callable[[str, float | None], None] | None = None) -> None:
         """`quantization`: "auto", "none", "int8" or "int4" (`chatpager.engine.quantization`);
         "auto" runs a GGUF's own 4-bit weights on CPU and everything else unquantized.
@@ -95,7 +98,9 @@ class LLM:
         "int8" (`chatpager.engine.kv_quant`).
         `speculative="ngram"`: prompt-lookup speculative decoding (`chatpager.engine.spec_decode`),
         up to `num_speculative_tokens` proposed per step from an earlier occurrence of the last
-        `prompt_lookup_max` .. `prompt_lookup_min` tokens."""
+        `prompt_lookup_max` .. `prompt_lookup_min` tokens.
+        `lora_adapters`: {name: PEFT adapter directory}, at most `max_loras`, all kept loaded;
+        a request picks one with `SamplingParams(lora=name)` (`chatpager.engine.lora`)."""
         spec = None if speculative in (None, "none") else SpeculativeConfig(
             speculative, num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
@@ -112,6 +117,7 @@ class LLM:
             progress("reading model config", None)
         model_dir = resolve_model_dir(model, progress)
         mcfg = load_model_config(model_dir)
+        adapters = load_adapters(lora_adapters, max_loras, mcfg, dt, dev)  # before the weights: fail fast
         backend = select_backend(attention, dev, kv_quantized=kv_format.quantized,
                                  sliding_window=mcfg.uniform_sliding_window)
         limit = _model_max_len(mcfg)
@@ -131,12 +137,14 @@ class LLM:
         del weights
         kv = KVCache(mcfg.num_layers, self._num_blocks(config, mcfg, kv_format, dev), block_size,
                      mcfg.num_kv_heads, mcfg.head_dim, kv_format.storage, dev, scaled=kv_format.quantized)
-        runner = ModelRunner(self.model, kv, backend, dev)
+        runner = ModelRunner(self.model, kv, backend, dev,
+                             lora=LoraWeights(adapters, mcfg, dt, dev) if adapters else None)
         name = "SmolLM2-135M-Instruct" if model is None else os.path.basename(os.path.normpath(str(model)))
         self.model_info = {"name": name, "path": str(model_dir), "device": str(dev),
                            "dtype": str(dt).removeprefix("torch."), "attention": backend.name,
                            "quantization": quant, "kv_cache_dtype": kv_format.name,
-                           "kv_bytes_per_block": kv.bytes_per_block}
+                           "kv_bytes_per_block": kv.bytes_per_block,
+                           "lora_adapters": [a.name for a in adapters]}
         budget = max_num_batched_tokens or (512 if dev.type == "cpu" else 8192)
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids(model_dir, mcfg, self.tokenizer),
                                 config, max_len, budget, self.model_info, speculative=spec)

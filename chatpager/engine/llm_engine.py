@@ -51,7 +51,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, kv, config.max_num_seqs, max_num_batched_tokens,
                                    config.preemption_mode)
         self.inputs = InputProcessor(tokenizer, runner.model.config.vocab_size, max_model_len,
-                                     config.block_size, self.pool.num_blocks)
+                                     config.block_size, self.pool.num_blocks,
+                                     lora_names=runner.lora.names if runner.lora else frozenset())
         bound = self.block_manager.max_blocks_held(max_num_batched_tokens)
         self.inputs.window_fits_pool = bound is not None and bound <= self.pool.num_blocks
         self.outputs = OutputProcessor(tokenizer, eos_token_ids)

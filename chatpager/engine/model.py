@@ -18,6 +18,7 @@ from chatpager.engine.attention import AttentionBackend, AttentionMetadata
 from chatpager.engine.config import ModelConfig
 from chatpager.engine.gguf_weights import GroupedInt4
 from chatpager.engine.kv_cache import KVCache
+from chatpager.engine.lora_layers import LoraBatch, with_lora
 from chatpager.engine.quantization import (DenseLinear, Linear, ShortlistHead, cat_int4, int4_linear, int8_linear,
                                            quantize_int4)
 from chatpager.engine.rope import apply_rope, rope_for_positions, rope_tables
@@ -107,8 +108,10 @@ class Model:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
-                meta: AttentionMetadata, attention: AttentionBackend) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] after the final norm."""
+                meta: AttentionMetadata, attention: AttentionBackend,
+                lora: LoraBatch | None = None) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] after the final norm. `lora`: the step's
+        adapters (lora_layers.py), each projection's delta added to its output."""
         c = self.config
         n = input_ids.shape[0]
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -116,7 +119,7 @@ class Model:
         h = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            qk, v = layer.qkv(x).split([q_size + kv_size, kv_size], dim=-1)
+            qk, v = with_lora(layer.qkv(x), x, lora, i, "qkv").split([q_size + kv_size, kv_size], dim=-1)
             qk = qk.view(n, c.num_heads + c.num_kv_heads, c.head_dim)
             v = v.view(n, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
@@ -126,10 +129,12 @@ class Model:
             q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
             k_cache, v_cache = kv_cache.layer(i)
             o = attention(q, k, v, k_cache, v_cache, meta, self.scale, scales=kv_cache.layer_scales(i))
-            h = h + layer.o(o.reshape(n, q_size))
+            o = o.reshape(n, q_size)
+            h = h + with_lora(layer.o(o), o, lora, i, "o")
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            gate, up = with_lora(layer.gate_up(x), x, lora, i, "gate_up").chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            h = h + with_lora(layer.down(act), act, lora, i, "down")
         return rms_norm(h, self.norm, c.rms_norm_eps)
 
     @torch.inference_mode()

@@ -12,14 +12,16 @@ import torch
 
 from chatpager.engine.attention import AttentionBackend, AttentionMetadata
 from chatpager.engine.kv_cache import KVCache
+from chatpager.engine.lora_layers import LoraWeights
 from chatpager.engine.model import Model
 from chatpager.engine.scheduler import ScheduledBatch
 
 
 class ModelRunner:
     def __init__(self, model: Model, kv_cache: KVCache, attention: AttentionBackend,
-                 device: torch.device) -> None:
+                 device: torch.device, lora: LoraWeights | None = None) -> None:
         self.model = model
+        self.lora = lora  # the resident LoRA adapters, if any
         self.kv_cache = kv_cache
         self.attention = attention
         self.device = device
@@ -61,7 +63,9 @@ class ModelRunner:
         self.attention.plan(meta, bs)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
-        hidden = self.model.forward(ids, pos_t, self.kv_cache, meta, self.attention)
+        lora = None if self.lora is None else self.lora.batch([s.params.lora for s in batch.seqs],
+                                                              batch.num_tokens, dev)
+        hidden = self.model.forward(ids, pos_t, self.kv_cache, meta, self.attention, lora=lora)
         if not sample_idx:
             return [], hidden.new_empty(0)
         rows = torch.tensor(logit_rows, device=dev)

@@ -14,6 +14,7 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1  # n > 1: parallel samples forked from one prompt, sharing its blocks
     ignore_eos: bool = False
+    lora: str | None = None  # a LoRA adapter's name (LLM(lora_adapters=...)); None: the base model
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -28,6 +29,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise ValueError(f"lora must be an adapter's name or None, got {self.lora!r}")
 
     @property
     def greedy(self) -> bool:
