@@ -12,7 +12,9 @@ that cost most to import (cumulative, top `--top`).
     .venv/bin/python benchmarks/warm_start.py --runs 5 --json out/warm_start.json
 
 The figure is the median of the runs' time to first token. Load average is printed beside it:
-the machine is shared, and start-up is CPU-bound.
+the machine is shared, and start-up is CPU-bound, so each run also gives the child's CPU time
+(`time.process_time`, all its threads, interpreter start excluded) at the same three points: on a
+busy machine that is the steadier figure.
 """
 from __future__ import annotations
 
@@ -29,13 +31,16 @@ CHILD = """
 import sys, time
 t0 = float(sys.argv[1])
 from chatpager import LLM, SamplingParams
-t_import = time.time()
-llm = LLM()
-t_ready = time.time()
+t_import, c_import = time.time(), time.process_time()
+stages = []
+llm = LLM(progress=lambda stage, _: stages.append((stage, time.time() - t0)))
+t_ready, c_ready = time.time(), time.process_time()
 out = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(temperature=0.0, max_tokens=1))
-t_first = time.time()
+t_first, c_first = time.time(), time.process_time()
 assert len(out[0].token_ids) == 1
-print("TIMES", t_import - t0, t_ready - t0, t_first - t0, flush=True)
+for stage, t in stages:
+    print("STAGE", round(t, 3), stage)
+print("TIMES", t_import - t0, t_ready - t0, t_first - t0, c_import, c_ready, c_first, flush=True)
 """
 
 
@@ -48,8 +53,11 @@ def one_run(extra: list[str] | None = None) -> tuple[dict[str, float], str]:
     if proc.returncode != 0:
         sys.exit(f"the child failed (status {proc.returncode}):\n{proc.stderr[-3000:]}")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("TIMES"))
-    imported, ready, first = (float(x) for x in line.split()[1:])
-    return {"imports": imported, "llm_ready": ready, "first_token": first, "process_exit": wall}, proc.stderr
+    imported, ready, first, cpu_imported, cpu_ready, cpu_first = (float(x) for x in line.split()[1:])
+    stages = [line.split(maxsplit=2)[1:] for line in proc.stdout.splitlines() if line.startswith("STAGE")]
+    return {"imports": imported, "llm_ready": ready, "first_token": first, "process_exit": wall,
+            "cpu_imports": cpu_imported, "cpu_llm_ready": cpu_ready, "cpu_first_token": cpu_first,
+            "stages": [(name, float(t)) for t, name in stages]}, proc.stderr
 
 
 def import_offenders(stderr: str, top: int) -> list[tuple[float, int, str]]:
@@ -89,7 +97,9 @@ def main() -> int:
         times, _ = one_run()
         runs.append(times)
         print(f"run {i + 1}: imports {times['imports']:.2f} s, LLM ready {times['llm_ready']:.2f} s, "
-              f"first token {times['first_token']:.2f} s (load {uptime()})")
+              f"first token {times['first_token']:.2f} s; CPU time {times['cpu_imports']:.2f} / "
+              f"{times['cpu_llm_ready']:.2f} / {times['cpu_first_token']:.2f} s (load {uptime()})")
+        print("       LLM() stages, seconds since spawn: " + ", ".join(f"{name} {t:.2f}" for name, t in times["stages"]))
     _, stderr = one_run(["-X", "importtime"])
     offenders = import_offenders(stderr, args.top)
     print("\nslowest imports (cumulative, one -X importtime run, which itself slows imports):")

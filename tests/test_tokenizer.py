@@ -143,3 +143,14 @@ def test_a_template_that_raises_raises_template_error(tiny_llama, tmp_path):
     ours, theirs = _pair(tmp_path / "m")
     conv = [{"role": "user", "content": "<b>é</b>"}]
     assert ours.apply_chat_template(conv, tokenize=False) == theirs.apply_chat_template(conv, tokenize=False)
+
+
+def test_a_corrupt_tokenizer_file_is_a_clear_error(tiny_llama, tmp_path):
+    import shutil
+
+    from chatpager.errors import ModelLoadError
+
+    shutil.copytree(tiny_llama, tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").write_text("{\"truncated\": ")
+    with pytest.raises(ModelLoadError, match="cannot load tokenizer"):
+        Tokenizer.from_dir(tmp_path / "m")
