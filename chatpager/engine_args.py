@@ -31,6 +31,8 @@ class EngineArgs:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    lora_adapters: dict[str, str] | None = None  # name -> PEFT adapter directory (--lora name=path)
+    max_loras: int = 4
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "EngineArgs":
@@ -45,6 +47,7 @@ class EngineArgs:
             kv_cache_dtype=args.kv_cache_dtype,
             speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
             prompt_lookup_max=args.prompt_lookup_max, prompt_lookup_min=args.prompt_lookup_min,
+            lora_adapters=args.lora, max_loras=args.max_loras,
         )
 
     def llm_kwargs(self) -> dict:
@@ -63,6 +66,25 @@ def _positive(kind: type):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _lora(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a PEFT adapter directory), got {text!r}")
+    return name.strip(), path.strip()
+
+
+class _AddLora(argparse.Action):
+    """Collect repeated --lora NAME=PATH into {name: path}; a name given twice is an error."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        adapters = dict(getattr(namespace, self.dest) or {})
+        name, path = value
+        if name in adapters:
+            parser.error(f"--lora: the adapter name {name!r} is given twice")
+        adapters[name] = path
+        setattr(namespace, self.dest, adapters)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -96,3 +118,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="longest suffix (tokens) --speculative ngram looks up (default: 4)")
     g.add_argument("--prompt-lookup-min", type=_positive(int), default=2,
                    help="shortest suffix (tokens) --speculative ngram looks up (default: 2)")
+    g.add_argument("--lora", type=_lora, action=_AddLora, metavar="NAME=PATH",
+                   help="load a LoRA adapter (a PEFT directory) under NAME; requests pick it by name; repeat for more")
+    g.add_argument("--max-loras", type=_positive(int), default=4,
+                   help="most LoRA adapters loaded at once; all --lora adapters stay loaded (default: 4)")

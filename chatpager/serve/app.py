@@ -53,7 +53,8 @@ def create_app(engine: EngineLoop, config: ServeConfig) -> FastAPI:
     @app.get("/v1/models", dependencies=[tenant])
     async def models() -> Response:
         name = ctx.model_name
-        return json_response(ModelList(data=[ModelCard(id=name)] if name else []))
+        cards = [ModelCard(id=name), *(ModelCard(id=a, parent=name) for a in ctx.lora_adapters)] if name else []
+        return json_response(ModelList(data=cards))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request, who: Tenant = tenant) -> Response:

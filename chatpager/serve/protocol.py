@@ -156,6 +156,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "chatpager"
+    parent: str | None = None  # a LoRA adapter's base model, as vLLM lists adapters
 
 
 class ModelList(BaseModel):

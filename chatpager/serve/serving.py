@@ -15,7 +15,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request, Response
 from pydantic import BaseModel
@@ -47,12 +47,22 @@ class ServeContext:
         info = self.bridge.engine.model_info
         return self.config.served_model_name or (info["name"] if info else None)
 
-    def check_model(self, name: str) -> str:
+    @property
+    def lora_adapters(self) -> list[str]:
+        info = self.bridge.engine.model_info
+        return list(info.get("lora_adapters", ())) if info else []
+
+    def check_model(self, name: str) -> str | None:
+        """The LoRA adapter a request's `model` names: None for the base model; an unknown
+        name is a 404, as OpenAI answers."""
         expected = self.model_name
-        if expected is not None and name != expected:
-            raise APIError(404, f"the model {name!r} does not exist; this server has {expected!r}",
-                           "model_not_found", "model")
-        return name
+        if expected is None or name == expected:
+            return None
+        if name in self.lora_adapters:
+            return name
+        known = ", ".join(repr(m) for m in [expected, *self.lora_adapters])
+        raise APIError(404, f"the model {name!r} does not exist; this server has {known}",
+                       "model_not_found", "model")
 
     def cache_salt(self, tenant: Tenant, requested: str | None) -> str | None:
         """With isolation, the tenant's name salts every block key; a request's own salt
@@ -65,8 +75,10 @@ class ServeContext:
                     params: SamplingParams, messages: tuple[tuple[str, str], ...],
                     prefix: str) -> Generation:
         """Submit, and return once the engine has accepted the request (or raise why not)."""
-        model = self.check_model(req.model)
-        tag = RemoteRequest(tenant.name, model, messages)
+        lora = self.check_model(req.model)
+        if lora is not None:
+            params = replace(params, lora=lora)
+        tag = RemoteRequest(tenant.name, req.model, messages)
         gen = Generation(self.bridge, self.metrics, new_id(prefix), prompt, params,
                          self.cache_salt(tenant, req.cache_salt), tag)
         try:
