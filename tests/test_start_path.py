@@ -1,0 +1,33 @@
+"""What start-up imports: loading a model and chatting must not import transformers (seconds
+of imports, issue 9's warm-start goal), nor torch's compiler stack or Triton on CPU. Checked in
+a fresh process, since this test session has imported all of them already."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ["transformers", "torch._dynamo", "torch._inductor", "triton", "fastapi", "textual"]
+CHILD = """
+import json, sys
+from chatpager import LLM, SamplingParams
+llm = LLM(sys.argv[1], quantization="none")
+out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0.0, max_tokens=2))
+print(json.dumps({"tokens": len(out[0].token_ids), "loaded": [m for m in sys.argv[2:] if m in sys.modules]}))
+"""
+
+
+def test_loading_and_chatting_import_no_transformers(tiny_llama):
+    proc = subprocess.run([sys.executable, "-c", CHILD, tiny_llama, *HEAVY], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == 2
+    assert result["loaded"] == []
+
+
+def test_the_command_line_parses_without_torch():
+    code = "import sys, chatpager.cli, chatpager.tui.main; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
