@@ -16,10 +16,11 @@ that computes them, which a same-step hit shares (it expects exactly those K/V).
 Sliding window (W, the same for every layer; a model with any full-attention layer has none
 here): blocks wholly before the window of a sequence's next token are never read again, so
 each step releases them first (their table entries become null, see sequence.py; a cached
-one stays hittable in the free queue, a shared one stays with its other holders). A sequence
-then holds at most cdiv(W - 1 + n, block_size) + 1 blocks in a step that computes n of its
-tokens: cdiv(W, block_size) + 1 while decoding, whatever its length; a long prompt is
-bounded by its prefill chunk (max_num_batched_tokens), recompute after preemption included.
+one goes to the free queue, head first, and stays hittable; a shared one stays with its
+other holders). A sequence then holds at most cdiv(W - 1 + n, block_size) + 1 blocks in a
+step that computes n of its tokens: cdiv(W, block_size) + 1 while decoding, whatever its
+length; a long prompt is bounded by its prefill chunk (max_num_batched_tokens), recompute
+after preemption included.
 A block's key names its whole token chain, so its K/V (which depend on everything before,
 through the layers) are right wherever it is found: a windowed prefix hit needs only the
 chain's blocks inside the window of the first token left to compute.
@@ -228,7 +229,9 @@ class BlockManager:
         dead = seq.blocks[seq.num_null_blocks:first]
         seq.blocks[seq.num_null_blocks:first] = [None] * len(dead)
         seq.num_null_blocks = first
-        self.pool.free(reversed(dead))
+        # head first, so evicted first: a windowed hit needs the blocks just before its first new
+        # token, and the likeliest next prompt (a chat's next turn) continues this one's end
+        self.pool.free(dead)
         self.window_released += len(dead)
 
     # --- swap and fork -------------------------------------------------------------------

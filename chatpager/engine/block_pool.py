@@ -17,7 +17,8 @@ Free blocks keep their hash and index entry and stay hittable until reused. The 
 a doubly linked list threaded through the Block objects, so take-from-front, append and
 remove-from-middle (a cache hit on a free block) are all O(1). Order = eviction order: the
 front is the least recently freed block. Callers free a sequence's blocks tail first, so among
-blocks freed together the end of a chain (least likely to be shared) is evicted first.
+blocks freed together the end of a chain (least likely to be shared) is evicted first; blocks
+released behind a sliding window go head first (a windowed hit needs a chain's later blocks).
 This object never touches tensors.
 """
 from __future__ import annotations
