@@ -119,6 +119,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-lookup-min", type=_positive(int), default=2,
                    help="shortest suffix (tokens) --speculative ngram looks up (default: 2)")
     g.add_argument("--lora", type=_lora, action=_AddLora, metavar="NAME=PATH",
-                   help="load a LoRA adapter (a PEFT directory) under NAME; requests pick it by name; repeat for more")
+                   help="load a LoRA adapter (a PEFT directory) as NAME; requests pick it by name; repeatable")
     g.add_argument("--max-loras", type=_positive(int), default=4,
                    help="most LoRA adapters loaded at once; all --lora adapters stay loaded (default: 4)")

@@ -327,6 +327,21 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.notify(f"{session.title}: {settings_text(session) or 'default settings'} "
                     f"from the next turn")
 
+    async def _slash_lora(self, argument: str) -> None:
+        session, info = self.current, self.engine.model_info
+        if info is None:
+            raise UserError("the model is still loading")
+        loaded = info.get("lora_adapters", [])
+        current = session.settings.get("lora", "none (the base model)")
+        if not argument:
+            listed = ", ".join(loaded) or "none (start chatpager with --lora NAME=PATH)"
+            self.notify(f"LoRA adapters: {listed}. {session.title} uses: {current}")
+            return
+        if argument != "none" and argument not in loaded:
+            raise UserError(f"no LoRA adapter {argument!r}; loaded: {', '.join(loaded) or 'none'}")
+        self.sessions.set_lora(session, None if argument == "none" else argument)
+        self.notify(f"{session.title}: LoRA adapter {argument} from the next turn")
+
     async def _slash_rename(self, argument: str) -> None:
         if argument:
             self.sessions.rename(self.current, argument)

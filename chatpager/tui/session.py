@@ -26,7 +26,7 @@ class Session:
     messages: list[Message] = field(default_factory=list)
     stored: bool = True  # swarm tenants are simulated load, not the user's data
     remote: str | None = None  # the tenant, for a remote (HTTP) tenant's session: read-only
-    settings: dict[str, float] = field(default_factory=dict)  # sampling overrides (/set)
+    settings: dict[str, float | str] = field(default_factory=dict)  # sampling overrides (/set), "lora" (/lora)
     # live state
     request_id: str | None = None  # the reply being generated
     reply: str = ""  # its text so far

@@ -104,6 +104,16 @@ class Sessions(Mapping[str, Session]):
         session.revision += 1
         self._save(session)
 
+    def set_lora(self, session: Session, name: str | None) -> None:
+        """Run the session's next turns under LoRA adapter `name` (None: the base model). Kept
+        with the sampling settings, so it is stored, copied by a fork and shown beside them."""
+        settings = {k: v for k, v in session.settings.items() if k != "lora"}
+        if name is not None:
+            settings["lora"] = name
+        session.settings = settings
+        session.revision += 1
+        self._save(session)
+
     def search(self, text: str) -> list[tuple[Session, str]]:
         """Sessions whose title or messages contain `text` (any case), each with where."""
         needle = text.casefold()

@@ -28,6 +28,7 @@ COMMANDS: tuple[SlashCommand, ...] = (
     SlashCommand("stop", "", "Stop the reply being generated"),
     SlashCommand("set", "[name value|default]",
                  "This session's sampling: temperature, top_p, top_k, max_tokens"),
+    SlashCommand("lora", "[name|none]", "This session's LoRA adapter (none: the base model); alone: list them"),
     SlashCommand("rename", "[title]", "Rename this session"),
     SlashCommand("delete", "", "Delete this session and its messages"),
     SlashCommand("info", "", "This session's tokens, blocks and prefix-cache hits"),

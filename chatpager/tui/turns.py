@@ -87,6 +87,9 @@ class Turns:
         """Search for the last reply with `k` beams; the beams, best first, are the alternatives."""
         from chatpager.engine.beam_search import BeamSearchParams  # torch loads with the engine
 
+        if "lora" in session.settings:
+            raise UserError(f"beam search runs on the base model only; {session.title} uses LoRA adapter "
+                            f"{session.settings['lora']!r} (/lora none to leave it)")
         self._take_last_reply(session)
         params = BeamSearchParams(beam_width=k, max_tokens=self.params_for(session).max_tokens)
         self._submit(session, params, regenerate=True)
