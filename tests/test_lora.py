@@ -50,20 +50,35 @@ def make_adapter(base_dir: str, out: Path, r: int, lora_alpha: int, target_modul
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_llama, tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("loras")
-    return {name: make_adapter(tiny_llama, root / name, **spec) for name, spec in ADAPTERS.items()}
+def adapter_factory(tmp_path_factory):
+    """make(model_dir) -> the adapters of ADAPTERS for that model, made once."""
+    made: dict[str, dict[str, str]] = {}
+
+    def make(model_dir: str) -> dict[str, str]:
+        if model_dir not in made:
+            root = tmp_path_factory.mktemp("loras")
+            made[model_dir] = {name: make_adapter(model_dir, root / name, **spec) for name, spec in ADAPTERS.items()}
+        return made[model_dir]
+
+    return make
 
 
 @pytest.fixture(scope="module")
-def peft_model(tiny_llama, adapters):
-    """One PeftModel holding both adapters (set_adapter / disable_adapter pick)."""
+def adapters(tiny_llama, adapter_factory) -> dict[str, str]:
+    return adapter_factory(tiny_llama)
+
+
+def peft_reference(model_dir: str, adapters: dict[str, str], base=None):
+    """One PeftModel holding every adapter (set_adapter / disable_adapter pick), on `base` or
+    the checkpoint's own weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapters["a"], adapter_name="a")
-    model.load_adapter(adapters["b"], adapter_name="b")
+    base = base or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
     return model.eval()
 
 
@@ -98,10 +113,14 @@ def lora_llm(model: str, adapters: dict[str, str], **kwargs) -> LLM:
 MIXED = [(PROMPT, "a"), (PROMPT, "b"), (PROMPT, None), (OTHER, "a")]
 
 
-def test_a_mixed_batch_gives_peft_greedy_tokens_per_adapter(tiny_llama, adapters, peft_model):
-    llm = lora_llm(tiny_llama, adapters, quantization="none")
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # plain; qkv bias; q/k norm after q/k_proj
+def test_a_mixed_batch_gives_peft_greedy_tokens_per_adapter(arch, tiny_model_factory, adapter_factory):
+    model = tiny_model_factory(arch)
+    adapters = adapter_factory(model)
+    llm = lora_llm(model, adapters, quantization="none")
     got = run_mixed(llm, MIXED)
-    expected = [peft_greedy(peft_model, prompt, lora) for prompt, lora in MIXED]
+    reference = peft_reference(model, adapters)
+    expected = [peft_greedy(reference, prompt, lora) for prompt, lora in MIXED]
     assert got == expected
     assert len({tuple(t) for t in got[:3]}) == 3  # the adapters really change the output
     assert llm.model_info["lora_adapters"] == ["a", "b"]
@@ -138,7 +157,6 @@ def dequantized(w: torch.Tensor, quantization: str) -> torch.Tensor:
 def test_quantized_base_weights_take_the_delta_on_top(tiny_llama, adapters, quantization):
     """Reference: peft on the model whose projections hold the dequantized weights. Left
     between the two: bf16 activations in the quantized kernels, far below the adapters' effect."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -146,8 +164,7 @@ def test_quantized_base_weights_take_the_delta_on_top(tiny_llama, adapters, quan
         for name, p in base.named_parameters():
             if name.endswith("_proj.weight"):
                 p.copy_(dequantized(p, quantization))
-    reference = PeftModel.from_pretrained(base, adapters["a"], adapter_name="a")
-    reference.load_adapter(adapters["b"], adapter_name="b")
+    reference = peft_reference(tiny_llama, adapters, base)
     llm = lora_llm(tiny_llama, adapters, quantization=quantization)
     ids = torch.tensor([PROMPT])
     for lora in ("a", "b"):

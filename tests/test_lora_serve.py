@@ -8,7 +8,7 @@ import pytest
 
 from chatpager.serve.config import ServeConfig
 from serve_support import serving
-from test_lora import ADAPTERS, NEW_TOKENS, PROMPT, make_adapter, peft_greedy
+from test_lora import ADAPTERS, NEW_TOKENS, PROMPT, make_adapter, peft_greedy, peft_reference
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +32,15 @@ def test_models_lists_the_adapters_with_the_base_model_as_parent(client, srv):
 
 
 def test_the_model_field_picks_the_adapter(client, served_model, tiny_llama, adapters):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapters["a"],
-                                          adapter_name="a")
-    reference.load_adapter(adapters["b"], adapter_name="b")
+    reference = peft_reference(tiny_llama, adapters)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     texts = {}
     for model, lora in ((served_model, None), ("a", "a"), ("b", "b")):
         reply = client.completions.create(model=model, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0,
                                           extra_body={"ignore_eos": True})
-        want = tokenizer.decode(peft_greedy(reference.eval(), PROMPT, lora), skip_special_tokens=True)
+        want = tokenizer.decode(peft_greedy(reference, PROMPT, lora), skip_special_tokens=True)
         assert reply.choices[0].text == want
         assert reply.model == model
         texts[model] = reply.choices[0].text
