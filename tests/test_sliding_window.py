@@ -15,6 +15,7 @@ from chatpager.engine.beam_search import BeamSearchParams
 from chatpager.engine.block_keys import block_key
 from chatpager.engine.block_manager import cdiv
 from chatpager.engine.sequence import Sequence
+from chatpager.errors import PromptTooLong
 from chatpager.kernels import paged_attention_torch
 from tests.conftest import hf_greedy
 from tests.test_beam_search import assert_matches_hf
@@ -202,3 +203,17 @@ def test_snapshots_and_the_tui_block_table_show_released_entries(tiny_model_fact
     text = describe(view, snapshot.refcounts, 8, set(), columns=4).plain
     assert f"0-{nulls - 1}→ released" in text and "-1" not in text
     assert all(f"→{b:>4}" in text for b in view.held_blocks)
+
+
+def test_the_pool_limits_a_windowed_prompt_only_if_the_window_does_not_fit_it(tiny_model_factory, hf_reference):
+    """A windowed sequence holds at most cdiv(W - 1 + chunk, bs) + 1 blocks: 13 here. A pool of
+    13 blocks (104 slots) serves a 130-token prompt; one of 12 refuses it, as for full attention."""
+    path = tiny_model_factory("mistral", sliding_window=WINDOW)
+    prompt = _prompts(6, [130])[0]
+    fits = LLM(path, block_size=8, num_blocks=13, max_num_batched_tokens=64)
+    assert fits.engine.max_model_len > len(prompt) > fits.engine.pool_tokens
+    out = fits.generate([prompt], SamplingParams(max_tokens=6, **GREEDY))[0]
+    assert list(out.token_ids) == hf_greedy(hf_reference(path), prompt, 6, ignore_eos=True)
+    short = LLM(path, block_size=8, num_blocks=12, max_num_batched_tokens=64)
+    with pytest.raises(PromptTooLong):
+        short.engine.add_request(prompt, SamplingParams(max_tokens=6))
