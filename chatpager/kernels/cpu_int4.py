@@ -1,0 +1,158 @@
+"""Grouped int4 weight matmul on AVX512-VNNI CPUs: `cpu_int4.cpp`, built at first use.
+
+`pack(codes, scale, minimum)` turns grouped affine int4 weights (w = scale * code + minimum,
+groups of 32 along the input) into the kernel's layout once, at load; `Int4Matmul(packed, n, k,
+bias)(x)` is then y = x @ w.T + bias in float32, with x quantized to int8 per group of 32 inside
+the call (see the .cpp for the layout and the arithmetic). Few rows is what it is for: each weight byte
+is read from memory once per call, whatever the number of rows.
+
+The library is compiled with g++ the first time it is needed and cached under the user cache
+dir, keyed by the source, the flags and the compiler, so a changed kernel is rebuilt and a
+cached one loads in milliseconds. `available()` is False — with one logged line saying why —
+when the CPU lacks the instructions, g++ is missing or the build fails; callers then use
+torch's own int4 op. It shares torch's OpenMP runtime (the .so links libgomp, which torch has
+already loaded), so its threads are torch's threads, as many as torch's ops use on the calling
+thread.
+
+Invariants: the packed layout depends on nothing but the weights (no CPU-specific packing);
+d and m are stored as float16, exact for GGUF Q4_0 / Q4_1 (`pack` refuses values float16
+cannot hold, and the caller falls back); the input size is a multiple of 32.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GROUP = 32
+TILE_N = 16
+SOURCE = Path(__file__).with_suffix(".cpp")
+# Explicit ISA flags rather than -march=native: the cached .so must not depend on which machine
+# built it; `_cpu_supports` checks these at run time before anything is loaded.
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma")
+NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+
+
+class _Weight(ctypes.Structure):
+    _fields_ = [("packed", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bias", ctypes.c_void_p)]
+
+
+def _cpu_supports() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return all(f in flags for f in NEEDED_CPU_FLAGS)
+
+
+def _cache_dir() -> Path:
+    import platformdirs
+
+    return Path(os.environ.get("CHATPAGER_CACHE_DIR") or platformdirs.user_cache_dir("chatpager")) / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_int4-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # built beside the target and renamed: a concurrent or interrupted build never leaves half a file
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        res = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-500:]}")
+        os.replace(out, target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("CHATPAGER_CPU_INT4", "1") == "0":
+        log.info("cpu_int4 kernel disabled by CHATPAGER_CPU_INT4=0; using torch's int4 op")
+        return None
+    if not _cpu_supports():
+        log.info("cpu_int4 kernel needs AVX512-VNNI, which this CPU lacks; using torch's int4 op")
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if compiler is None:
+        log.warning("cpu_int4 kernel needs g++ to build, none found; using torch's int4 op")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.warning("cpu_int4 kernel unavailable (%s); using torch's int4 op", e)
+        return None
+    lib.cpu_int4_packed_bytes.argtypes, lib.cpu_int4_packed_bytes.restype = [ctypes.c_int64] * 2, ctypes.c_int64
+    lib.cpu_int4_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Weight), ctypes.c_void_p]
+    lib.cpu_int4_mm.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel runs here (built, or loaded from the cache, on first call)."""
+    return _library() is not None
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor | None:
+    """The kernel's layout of w[n, k] = scale[n, k // 32] * codes[n, k] + minimum[n, k // 32]
+    (codes uint8 0..15), as a flat uint8 tensor; None when a scale or minimum overflows float16."""
+    n, k = codes.shape
+    if k % GROUP:
+        raise ValueError(f"int4 needs the input size to be a multiple of {GROUP}, got {k}")
+    d, m = scale.to(torch.float16), minimum.to(torch.float16)
+    if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
+        return None
+    pad, groups = -n % TILE_N, k // GROUP
+    if pad:
+        codes, d, m = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (codes, d, m))
+    tiles = (n + pad) // TILE_N
+    # k within a group = 16 h + 4 j + b: nibble h of byte [j][row][b] (see the .cpp)
+    c = codes.view(tiles, TILE_N, groups, 2, 4, 4).permute(0, 2, 4, 1, 5, 3)  # [t, g, j, row, b, h]
+    nibbles = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, 4 * TILE_N * 4)
+    consts = [t.view(tiles, TILE_N, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (d, m)]
+    return torch.cat([nibbles, *consts], dim=-1).reshape(-1).contiguous()
+
+
+class Int4Matmul:
+    """y = x @ w.T + bias for one packed weight: float32 in and out (other dtypes are converted).
+    Holds the packed tensor and the bias, which the kernel reads through raw pointers."""
+
+    __slots__ = ("packed", "bias", "out_features", "in_features", "_weight", "_call")
+
+    def __init__(self, packed: torch.Tensor, n: int, k: int, bias: torch.Tensor | None = None) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("the cpu_int4 kernel does not run here (see the log)")
+        if packed.numel() != lib.cpu_int4_packed_bytes(n, k):
+            raise ValueError(f"packed weight has {packed.numel()} bytes, [{n}, {k}] needs {lib.cpu_int4_packed_bytes(n, k)}")
+        self.packed, self.out_features, self.in_features = packed, n, k
+        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        self._weight = _Weight(packed.data_ptr(), n, k, None if self.bias is None else self.bias.data_ptr())
+        self._call = lib.cpu_int4_mm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # the per-call Python work is kept to the bone: a decode step makes ~120 of these calls
+        if x.dtype is not torch.float32:
+            return self(x.float()).to(x.dtype)
+        if x.dim() != 2 or not x.is_contiguous():
+            return self(x.reshape(-1, x.shape[-1]).contiguous()).view(*x.shape[:-1], self.out_features)
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"input has {x.shape[1]} features, the weight takes {self.in_features}")
+        y = torch.empty(x.shape[0], self.out_features)
+        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr())
+        return y
