@@ -141,3 +141,21 @@ def test_a_fresh_cache_builds_the_library_once(monkeypatch, tmp_path):
         assert (int4_linear(w, kernel="vnni")(x) - x @ w.dequantize().T).abs().max() < 0.05
     finally:
         cpu_int4._library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 7])
+def test_rms_norm_fused_into_the_kernel_equals_norm_then_matmul(m):
+    from chatpager.engine.model import normed_linear, rms_norm
+
+    w, h, norm = q4_1(96, 576), torch.randn(m, 576) * 3, torch.rand(576) + 0.5
+    lin = int4_linear(w, kernel="vnni")
+    x, fused = normed_linear(lin, h, norm, 1e-5, keep_input=False)
+    assert x is None  # the normed input is never made
+    expected = lin(rms_norm(h, norm, 1e-5))
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    kept, unfused = normed_linear(lin, h, norm, 1e-5, keep_input=True)  # LoRA reads the input
+    torch.testing.assert_close(kept, rms_norm(h, norm, 1e-5))
+    assert torch.equal(unfused, expected)
+    with pytest.raises(ValueError, match="float32"):
+        lin.normed(h.bfloat16(), norm, 1e-5)

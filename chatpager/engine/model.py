@@ -31,6 +31,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def normed_linear(linear: Linear, h: torch.Tensor, weight: torch.Tensor, eps: float,
+                  keep_input: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(rms_norm(h), linear of it). A linear that can fuse the norm (`cpu_int4.Int4Matmul.normed`)
+    does it in its own pass over h, and the normed input is then never made (None) unless
+    `keep_input` (LoRA's delta reads it)."""
+    fused = getattr(linear, "normed", None)
+    if fused is not None and not keep_input and h.dtype == torch.float32:
+        return None, fused(h, weight, eps)
+    x = rms_norm(h, weight, eps)
+    return x, linear(x)
+
+
 @dataclass(slots=True)
 class Layer:
     input_norm: torch.Tensor
@@ -117,9 +129,10 @@ class Model:
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         cos, sin = rope_for_positions(self.cos, self.sin, positions)
         h = F.embedding(input_ids, self.embed)
+        keep = lora is not None
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            qk, v = with_lora(layer.qkv(x), x, lora, i, "qkv").split([q_size + kv_size, kv_size], dim=-1)
+            x, qkv = normed_linear(layer.qkv, h, layer.input_norm, c.rms_norm_eps, keep)
+            qk, v = with_lora(qkv, x, lora, i, "qkv").split([q_size + kv_size, kv_size], dim=-1)
             qk = qk.view(n, c.num_heads + c.num_kv_heads, c.head_dim)
             v = v.view(n, c.num_kv_heads, c.head_dim)
             if layer.q_norm is not None:
@@ -131,8 +144,8 @@ class Model:
             o = attention(q, k, v, k_cache, v_cache, meta, self.scale, scales=kv_cache.layer_scales(i))
             o = o.reshape(n, q_size)
             h = h + with_lora(layer.o(o), o, lora, i, "o")
-            x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate, up = with_lora(layer.gate_up(x), x, lora, i, "gate_up").chunk(2, dim=-1)
+            x, gate_up = normed_linear(layer.gate_up, h, layer.post_norm, c.rms_norm_eps, keep)
+            gate, up = with_lora(gate_up, x, lora, i, "gate_up").chunk(2, dim=-1)
             act = F.silu(gate) * up
             h = h + with_lora(layer.down(act), act, lora, i, "down")
         return rms_norm(h, self.norm, c.rms_norm_eps)

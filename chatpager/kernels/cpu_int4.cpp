@@ -18,6 +18,7 @@
 // Each weight tile is unpacked once per group for up to MAX_ROWS activation rows held in
 // registers; more rows re-read the tile from cache, not memory. Threads split the tiles.
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -50,9 +51,21 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
-void quantize_row(const float* x, int64_t groups, int8_t* q, float* d, float* s) {
+// `norm` (or null): the row is RMS-normalized first, x * rsqrt(mean(x^2) + eps) * norm, as the
+// model's rms_norm does before the linear, so the normalized row is never written out.
+void quantize_row(const float* x, int64_t groups, const float* norm, float eps, int8_t* q, float* d, float* s) {
+  __m512 r = _mm512_set1_ps(1.f);
+  if (norm) {
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t i = 0; i < groups * GROUP; i += 16) sq = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), sq);
+    r = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(sq) / (float)(groups * GROUP) + eps));
+  }
   for (int64_t g = 0; g < groups; ++g, x += GROUP, q += 2 * GROUP) {
     __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+    if (norm) {
+      a = _mm512_mul_ps(_mm512_mul_ps(a, r), _mm512_loadu_ps(norm + g * GROUP));
+      b = _mm512_mul_ps(_mm512_mul_ps(b, r), _mm512_loadu_ps(norm + g * GROUP + 16));
+    }
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     const float step = amax / 127.f, fine = step / FINE;
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
@@ -127,9 +140,10 @@ int64_t cpu_int4_packed_bytes(int64_t n, int64_t k) {
   return (n + TILE_N - 1) / TILE_N * (k / GROUP) * TILE_BYTES;
 }
 
-// x [m, k] float32 contiguous, y [m, n] float32 contiguous; k a multiple of 32 (the caller checks).
+// x [m, k] float32 contiguous, y [m, n] float32 contiguous; k a multiple of 32 (the caller checks);
+// norm [k] or null: y = rms_norm(x, norm, eps) @ W^T (see quantize_row).
 // Runs omp_get_max_threads() threads: what torch's own ops use on the calling thread.
-void cpu_int4_mm(const float* x, int64_t m, const Int4Weight* w, float* y) {
+void cpu_int4_mm(const float* x, int64_t m, const Int4Weight* w, float* y, const float* norm, float eps) {
   const uint8_t* packed = w->packed;
   const int64_t n = w->n, k = w->k;
   const float* bias = w->bias;
@@ -145,7 +159,7 @@ void cpu_int4_mm(const float* x, int64_t m, const Int4Weight* w, float* y) {
 #pragma omp parallel num_threads(threads) if (parallel)
   {
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < m; ++r) quantize_row(x + r * k, groups, q + 2 * r * k, d + r * groups, s + r * groups);
+    for (int64_t r = 0; r < m; ++r) quantize_row(x + r * k, groups, norm, eps, q + 2 * r * k, d + r * groups, s + r * groups);
     // blocks of activation rows outermost: a thread's tiles sweep one block while it sits in L2
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < row_blocks * tiles; ++item) {

@@ -98,7 +98,8 @@ def _library() -> ctypes.CDLL | None:
         log.warning("cpu_int4 kernel unavailable (%s); using torch's int4 op", e)
         return None
     lib.cpu_int4_packed_bytes.argtypes, lib.cpu_int4_packed_bytes.restype = [ctypes.c_int64] * 2, ctypes.c_int64
-    lib.cpu_int4_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Weight), ctypes.c_void_p]
+    lib.cpu_int4_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Weight), ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_float]
     lib.cpu_int4_mm.restype = None
     return lib
 
@@ -154,5 +155,17 @@ class Int4Matmul:
         if x.shape[1] != self.in_features:
             raise ValueError(f"input has {x.shape[1]} features, the weight takes {self.in_features}")
         y = torch.empty(x.shape[0], self.out_features)
-        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr())
+        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), None, 0.0)
+        return y
+
+    def normed(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """self(rms_norm(x, weight, eps)) for float32 x [n, k], the norm done inside the kernel
+        (one pass over x instead of ~6 ATen ops); weight float32 [k]."""
+        if (x.dtype is not torch.float32 or weight.dtype is not torch.float32 or x.dim() != 2
+                or not (x.is_contiguous() and weight.is_contiguous())):
+            raise ValueError("normed takes contiguous float32 [n, k] inputs and a float32 norm weight")
+        if x.shape[1] != self.in_features or weight.shape != (self.in_features,):
+            raise ValueError(f"input / norm weight must have {self.in_features} features")
+        y = torch.empty(x.shape[0], self.out_features)
+        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), weight.data_ptr(), eps)
         return y
