@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from chatpager import LLM, SamplingParams
+from chatpager.engine import spec_decode
 from chatpager.engine.beam_search import BeamSearchParams
 from chatpager.engine.block_keys import block_key
 from chatpager.engine.block_manager import cdiv
@@ -217,3 +218,26 @@ def test_the_pool_limits_a_windowed_prompt_only_if_the_window_does_not_fit_it(ti
     short = LLM(path, block_size=8, num_blocks=12, max_num_batched_tokens=64)
     with pytest.raises(PromptTooLong):
         short.engine.add_request(prompt, SamplingParams(max_tokens=6))
+
+
+def test_speculation_past_the_window_matches_transformers(tiny_model_factory, hf_reference, monkeypatch):
+    """Proposed tokens computed past the window, the rejected ones rolled back: the released
+    entries stay behind every position written, and the tokens equal transformers' greedy."""
+    path = tiny_model_factory("mistral", sliding_window=WINDOW)
+    prompt = _prompts(7, [110])[0]
+    want = hf_greedy(hf_reference(path), prompt, 40, ignore_eos=True)
+
+    def propose(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
+        """The right continuation with every third token spoiled: both accept and reject run."""
+        done = len(tokens) - len(prompt)
+        return [t if (done + i) % 3 else (t + 1) % 250 for i, t in enumerate(want[done:done + k])]
+
+    monkeypatch.setattr(spec_decode, "propose_ngram", propose)
+    llm = LLM(path, block_size=8, num_blocks=16, max_num_batched_tokens=64, speculative="ngram")
+    peaks = _checked(llm)
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, **GREEDY))[0]
+    assert list(out.token_ids) == want
+    stats = llm.stats()
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_proposed_tokens"]
+    assert stats["window_released_blocks"] > 0 and stats["free_blocks"] == stats["num_blocks"]
+    assert peaks["prefill"] <= cdiv(WINDOW - 1 + 64, 8) + 1
