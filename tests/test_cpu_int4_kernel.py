@@ -159,3 +159,21 @@ def test_rms_norm_fused_into_the_kernel_equals_norm_then_matmul(m):
     assert torch.equal(unfused, expected)
     with pytest.raises(ValueError, match="float32"):
         lin.normed(h.bfloat16(), norm, 1e-5)
+
+
+@needs_kernel
+def test_swiglu_fused_into_the_kernel_equals_activation_then_matmul():
+    from chatpager.engine.model import swiglu_linear
+
+    w, gate_up = q4_1(64, 1536), torch.randn(3, 3072) * 4
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, -30.0, 30.0])  # the exponential's far ends
+    lin = int4_linear(w, kernel="vnni")
+    act, fused = swiglu_linear(lin, gate_up, keep_input=False)
+    assert act is None
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = lin(torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    kept, unfused = swiglu_linear(lin, gate_up, keep_input=True)
+    assert torch.equal(kept, torch.nn.functional.silu(gate) * up) and torch.equal(unfused, expected)
+    with pytest.raises(ValueError, match="3072"):
+        lin.swiglu(gate_up[:, :1536].contiguous())

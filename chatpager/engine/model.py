@@ -43,6 +43,18 @@ def normed_linear(linear: Linear, h: torch.Tensor, weight: torch.Tensor, eps: fl
     return x, linear(x)
 
 
+def swiglu_linear(linear: Linear, gate_up: torch.Tensor,
+                  keep_input: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(silu(gate) * up, linear of it), fused where the linear can (`cpu_int4.Int4Matmul.swiglu`),
+    as `normed_linear` does for the norm."""
+    fused = getattr(linear, "swiglu", None)
+    if fused is not None and not keep_input and gate_up.dtype == torch.float32:
+        return None, fused(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    return act, linear(act)
+
+
 @dataclass(slots=True)
 class Layer:
     input_norm: torch.Tensor
@@ -145,9 +157,8 @@ class Model:
             o = o.reshape(n, q_size)
             h = h + with_lora(layer.o(o), o, lora, i, "o")
             x, gate_up = normed_linear(layer.gate_up, h, layer.post_norm, c.rms_norm_eps, keep)
-            gate, up = with_lora(gate_up, x, lora, i, "gate_up").chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            h = h + with_lora(layer.down(act), act, lora, i, "down")
+            act, down = swiglu_linear(layer.down, with_lora(gate_up, x, lora, i, "gate_up"), keep)
+            h = h + with_lora(down, act, lora, i, "down")
         return rms_norm(h, self.norm, c.rms_norm_eps)
 
     @torch.inference_mode()

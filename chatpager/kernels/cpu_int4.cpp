@@ -51,20 +51,46 @@ inline int32_t load4(const int8_t* p) {
   return v;
 }
 
-// `norm` (or null): the row is RMS-normalized first, x * rsqrt(mean(x^2) + eps) * norm, as the
-// model's rms_norm does before the linear, so the normalized row is never written out.
-void quantize_row(const float* x, int64_t groups, const float* norm, float eps, int8_t* q, float* d, float* s) {
+// e^x to ~2e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^6.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: n * hi is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(gate) * up, the SwiGLU MLP's activation
+inline __m512 swiglu_ps(__m512 gate, __m512 up) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  return _mm512_mul_ps(_mm512_div_ps(gate, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate)))), up);
+}
+
+// What the kernel multiplies, computed from the row it is given as it is quantized, so that it is
+// never written out: the row itself, the model's rms_norm of it (x * rsqrt(mean(x^2) + eps) *
+// norm), or silu(gate) * up of a row [gate (k), up (k)] (the gate_up projection's output).
+enum Prologue : int { PLAIN = 0, RMS_NORM = 1, SWIGLU = 2 };
+
+void quantize_row(const float* x, int64_t k, Prologue prologue, const float* norm, float eps, int8_t* q, float* d,
+                  float* s) {
   __m512 r = _mm512_set1_ps(1.f);
-  if (norm) {
+  if (prologue == RMS_NORM) {
     __m512 sq = _mm512_setzero_ps();
-    for (int64_t i = 0; i < groups * GROUP; i += 16) sq = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), sq);
-    r = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(sq) / (float)(groups * GROUP) + eps));
+    for (int64_t i = 0; i < k; i += 16) sq = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), sq);
+    r = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(sq) / (float)k + eps));
   }
-  for (int64_t g = 0; g < groups; ++g, x += GROUP, q += 2 * GROUP) {
-    __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
-    if (norm) {
+  for (int64_t g = 0; g < k / GROUP; ++g, q += 2 * GROUP) {
+    const float* xg = x + g * GROUP;
+    __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
+    if (prologue == RMS_NORM) {
       a = _mm512_mul_ps(_mm512_mul_ps(a, r), _mm512_loadu_ps(norm + g * GROUP));
       b = _mm512_mul_ps(_mm512_mul_ps(b, r), _mm512_loadu_ps(norm + g * GROUP + 16));
+    } else if (prologue == SWIGLU) {
+      a = swiglu_ps(a, _mm512_loadu_ps(xg + k));
+      b = swiglu_ps(b, _mm512_loadu_ps(xg + k + 16));
     }
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     const float step = amax / 127.f, fine = step / FINE;
@@ -140,16 +166,17 @@ int64_t cpu_int4_packed_bytes(int64_t n, int64_t k) {
   return (n + TILE_N - 1) / TILE_N * (k / GROUP) * TILE_BYTES;
 }
 
-// x [m, k] float32 contiguous, y [m, n] float32 contiguous; k a multiple of 32 (the caller checks);
-// norm [k] or null: y = rms_norm(x, norm, eps) @ W^T (see quantize_row).
-// Runs omp_get_max_threads() threads: what torch's own ops use on the calling thread.
-void cpu_int4_mm(const float* x, int64_t m, const Int4Weight* w, float* y, const float* norm, float eps) {
+// y = f(x) @ W^T, f the prologue (see quantize_row); x [m, k] float32 contiguous ([m, 2 k] for
+// SWIGLU), norm [k] for RMS_NORM, y [m, n] float32 contiguous; k a multiple of 32 (the caller
+// checks). Runs omp_get_max_threads() threads: what torch's own ops use on the calling thread.
+void cpu_int4_mm(const float* x, int64_t m, const Int4Weight* w, float* y, int prologue, const float* norm,
+                 float eps) {
   const uint8_t* packed = w->packed;
   const int64_t n = w->n, k = w->k;
   const float* bias = w->bias;
   const int threads = omp_get_max_threads();
   const int64_t groups = k / GROUP, tiles = (n + TILE_N - 1) / TILE_N;
-  const int64_t row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK;
+  const int64_t row_blocks = (m + ROW_BLOCK - 1) / ROW_BLOCK, stride = prologue == SWIGLU ? 2 * k : k;
   Quantized& qa = scratch;
   if ((int64_t)qa.q.size() < 2 * m * k) qa.q.resize(2 * m * k);
   if ((int64_t)qa.d.size() < m * groups) qa.d.resize(m * groups), qa.s.resize(m * groups);
@@ -159,7 +186,8 @@ void cpu_int4_mm(const float* x, int64_t m, const Int4Weight* w, float* y, const
 #pragma omp parallel num_threads(threads) if (parallel)
   {
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < m; ++r) quantize_row(x + r * k, groups, norm, eps, q + 2 * r * k, d + r * groups, s + r * groups);
+    for (int64_t r = 0; r < m; ++r)
+      quantize_row(x + r * stride, k, (Prologue)prologue, norm, eps, q + 2 * r * k, d + r * groups, s + r * groups);
     // blocks of activation rows outermost: a thread's tiles sweep one block while it sits in L2
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < row_blocks * tiles; ++item) {

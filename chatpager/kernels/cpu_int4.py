@@ -44,6 +44,9 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mav
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
 
 
+_PLAIN, _RMS_NORM, _SWIGLU = 0, 1, 2  # the kernel's prologues: what it multiplies, made from its input
+
+
 class _Weight(ctypes.Structure):
     _fields_ = [("packed", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("bias", ctypes.c_void_p)]
 
@@ -99,7 +102,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.cpu_int4_packed_bytes.argtypes, lib.cpu_int4_packed_bytes.restype = [ctypes.c_int64] * 2, ctypes.c_int64
     lib.cpu_int4_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Weight), ctypes.c_void_p,
-                                ctypes.c_void_p, ctypes.c_float]
+                                ctypes.c_int, ctypes.c_void_p, ctypes.c_float]
     lib.cpu_int4_mm.restype = None
     return lib
 
@@ -155,7 +158,7 @@ class Int4Matmul:
         if x.shape[1] != self.in_features:
             raise ValueError(f"input has {x.shape[1]} features, the weight takes {self.in_features}")
         y = torch.empty(x.shape[0], self.out_features)
-        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), None, 0.0)
+        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), _PLAIN, None, 0.0)
         return y
 
     def normed(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -167,5 +170,16 @@ class Int4Matmul:
         if x.shape[1] != self.in_features or weight.shape != (self.in_features,):
             raise ValueError(f"input / norm weight must have {self.in_features} features")
         y = torch.empty(x.shape[0], self.out_features)
-        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), weight.data_ptr(), eps)
+        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), _RMS_NORM, weight.data_ptr(), eps)
+        return y
+
+    def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for float32 gate_up [n, 2 k] = [gate, up], the activation done
+        inside the kernel as it reads its input."""
+        if gate_up.dtype is not torch.float32 or gate_up.dim() != 2 or not gate_up.is_contiguous():
+            raise ValueError("swiglu takes a contiguous float32 [n, 2 k] input")
+        if gate_up.shape[1] != 2 * self.in_features:
+            raise ValueError(f"gate_up must have {2 * self.in_features} features, got {gate_up.shape[1]}")
+        y = torch.empty(gate_up.shape[0], self.out_features)
+        self._call(gate_up.data_ptr(), gate_up.shape[0], self._weight, y.data_ptr(), _SWIGLU, None, 0.0)
         return y
