@@ -5,6 +5,8 @@ The metadata is built once per step by the ModelRunner and passed explicitly to 
 `chatpager.kernels`: write new K/V into their slots, then attend through the block tables.
 A quantized KV cache (int8 / fp8 codes) passes each layer's (k_scale, v_scale) as `scales`; its
 backend's write quantizes and its attention dequantizes (`chatpager.kernels.kv_quant_torch`).
+An int8 cache holds K/V in a rotated basis (`kv_rotation`, orthogonal and symmetric): q, k and v
+are rotated before the kernels and the output rotated back after, the same for every backend.
 A model with a sliding window (every layer the same W) gets a backend that holds W: each query
 attends to its last W positions, and table entries before every query's window are not read.
 """
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 
 from chatpager.kernels import paged_attention_torch, write_kv_torch
+from chatpager.kernels.kv_quant_torch import is_rotated, kv_rotation
 from chatpager.kernels.paged_attention_torch import plan_paged_attention
 
 BACKENDS = ("auto", "torch", "triton")
@@ -42,12 +45,17 @@ class AttentionBackend:
 
     def __call__(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                  scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        rot = kv_rotation(q.shape[-1], torch.float32, q.device) if is_rotated(k_cache.dtype) else None
+        if rot is not None:  # q.k and the weights p are unchanged; the output comes back rotated.
+            # K/V go to the write in float32, so their codes, not a bf16 rounding, set their error.
+            q, k, v = (q.float() @ rot).to(q.dtype), k.float() @ rot, v.float() @ rot
         kw = {} if scales is None else {"k_scale": scales[0], "v_scale": scales[1]}
         self.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, **kw)
         if self.sliding_window:
             kw["sliding_window"] = self.sliding_window
         args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale)
-        return self.attend(*args, **kw) if meta.plan is None else self.attend(*args, plan=meta.plan, **kw)
+        out = self.attend(*args, **kw) if meta.plan is None else self.attend(*args, plan=meta.plan, **kw)
+        return out if rot is None else (out.float() @ rot).to(out.dtype)
 
     def plan(self, meta: AttentionMetadata, block_size: int) -> None:
         if self.planner is not None:

@@ -5,7 +5,7 @@
     "int8"      int8 codes + a float32 (scale, offset) per (token, KV head)
     "fp8"       float8_e4m3fn codes + a float32 (scale, offset) per (token, KV head)
 
-The codes, the scale granularity and the rounding are defined in
+The codes, the scale granularity, the rounding and int8's rotated basis are defined in
 `chatpager.kernels.kv_quant_torch` (per token and head, and why). A format's bytes per token
 include the scales, so the pool derived from `kv_cache_memory` holds proportionally more
 blocks: 256 / 72 = 3.6x an fp32 cache's for head_dim 64.
