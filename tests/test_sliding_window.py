@@ -178,7 +178,7 @@ def test_beam_search_past_the_window_matches_transformers(tiny_model_factory, hf
     path = tiny_model_factory("mistral", sliding_window=WINDOW)
     llm = LLM(path, block_size=8, num_blocks=24, max_num_batched_tokens=64)
     peaks = _checked(llm)
-    params = BeamSearchParams(beam_width=3, max_tokens=40, ignore_eos=True)
+    params = BeamSearchParams(beam_width=3, max_tokens=24, ignore_eos=True)
     assert_matches_hf(llm, hf_reference(path), _prompts(4, [110]), params)
     stats = llm.stats()
     assert stats["window_released_blocks"] > 0 and stats["free_blocks"] == stats["num_blocks"]
