@@ -183,13 +183,17 @@ void cpu_int4_mm(const float* x, int64_t m, const Int4Weight* w, float* y, int p
   int8_t* q = qa.q.data();
   float *d = qa.d.data(), *s = qa.s.data();
   const bool parallel = threads > 1 && m * n * k >= MIN_PARALLEL_MACS;
+  // dynamic, in ~8 chunks a thread: a thread that starts late (woken from sleep, or sharing its
+  // core) takes fewer chunks instead of holding the others at the end; each tile is still
+  // computed whole by one thread, so the result does not depend on who took it
+  const int64_t chunk = std::max<int64_t>(1, row_blocks * tiles / (8 * threads));
 #pragma omp parallel num_threads(threads) if (parallel)
   {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < m; ++r)
       quantize_row(x + r * stride, k, (Prologue)prologue, norm, eps, q + 2 * r * k, d + r * groups, s + r * groups);
     // blocks of activation rows outermost: a thread's tiles sweep one block while it sits in L2
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t item = 0; item < row_blocks * tiles; ++item) {
       const int64_t t = item % tiles, r0 = item / tiles * ROW_BLOCK, r1 = std::min(m, r0 + ROW_BLOCK);
       const int64_t n0 = t * TILE_N;
