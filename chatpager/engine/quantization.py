@@ -90,7 +90,7 @@ class ShortlistHead:
         logits = self.coarse(x)
         top = logits.topk(min(self.shortlist, logits.shape[-1]), dim=-1).indices  # [n, k]
         exact = torch.bmm(self.weight[top], x.to(self.weight.dtype).unsqueeze(-1)).squeeze(-1)
-        return logits.scatter(-1, top, exact.to(logits.dtype))
+        return logits.scatter_(-1, top, exact.to(logits.dtype))  # logits is the coarse head's own new tensor
 
 
 def check_quantization(mode: str, device: torch.device) -> None:

@@ -166,6 +166,27 @@ int64_t cpu_int4_packed_bytes(int64_t n, int64_t k) {
   return (n + TILE_N - 1) / TILE_N * (k / GROUP) * TILE_BYTES;
 }
 
+// The layout above from codes [n, k] (uint8, 0..15) and d, m [n, k / 32] (float16 bits); `out`
+// holds cpu_int4_packed_bytes(n, k) zeroed bytes (the rows that pad the last tile stay zero).
+void cpu_int4_pack(const uint8_t* codes, const uint16_t* d, const uint16_t* m, int64_t n, int64_t k, uint8_t* out) {
+  const int64_t groups = k / GROUP, tiles = (n + TILE_N - 1) / TILE_N;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t g = 0; g < groups; ++g) {
+      uint8_t* o = out + (t * groups + g) * TILE_BYTES;
+      uint16_t* od = (uint16_t*)(o + CODE_BYTES);
+      for (int row = 0; row < TILE_N && t * TILE_N + row < n; ++row) {
+        const int64_t nr = t * TILE_N + row;
+        const uint8_t* c = codes + nr * k + g * GROUP;
+        for (int j = 0; j < 4; ++j)
+          for (int b = 0; b < 4; ++b) o[64 * j + 4 * row + b] = (c[4 * j + b] & 15) | (c[16 + 4 * j + b] << 4);
+        od[row] = d[nr * groups + g];
+        od[TILE_N + row] = m[nr * groups + g];
+      }
+    }
+  }
+}
+
 // y = f(x) @ W^T, f the prologue (see quantize_row); x [m, k] float32 contiguous ([m, 2 k] for
 // SWIGLU), norm [k] for RMS_NORM, y [m, n] float32 contiguous; k a multiple of 32 (the caller
 // checks). Runs omp_get_max_threads() threads: what torch's own ops use on the calling thread.

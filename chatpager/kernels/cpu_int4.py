@@ -104,6 +104,8 @@ def _library() -> ctypes.CDLL | None:
     lib.cpu_int4_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Weight), ctypes.c_void_p,
                                 ctypes.c_int, ctypes.c_void_p, ctypes.c_float]
     lib.cpu_int4_mm.restype = None
+    lib.cpu_int4_pack.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
+    lib.cpu_int4_pack.restype = None
     return lib
 
 
@@ -114,22 +116,19 @@ def available() -> bool:
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor | None:
     """The kernel's layout of w[n, k] = scale[n, k // 32] * codes[n, k] + minimum[n, k // 32]
-    (codes uint8 0..15), as a flat uint8 tensor; None when a scale or minimum overflows float16."""
+    (codes uint8 0..15), as a flat uint8 tensor; None when a scale or minimum overflows float16.
+    Needs the library (`available()`)."""
     n, k = codes.shape
     if k % GROUP:
         raise ValueError(f"int4 needs the input size to be a multiple of {GROUP}, got {k}")
-    d, m = scale.to(torch.float16), minimum.to(torch.float16)
+    d, m = scale.to(torch.float16).contiguous(), minimum.to(torch.float16).contiguous()
     if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
         return None
-    pad, groups = -n % TILE_N, k // GROUP
-    if pad:
-        codes, d, m = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (codes, d, m))
-    tiles = (n + pad) // TILE_N
-    # k within a group = 16 h + 4 j + b: nibble h of byte [j][row][b] (see the .cpp)
-    c = codes.view(tiles, TILE_N, groups, 2, 4, 4).permute(0, 2, 4, 1, 5, 3)  # [t, g, j, row, b, h]
-    nibbles = (c[..., 0] | (c[..., 1] << 4)).reshape(tiles, groups, 4 * TILE_N * 4)
-    consts = [t.view(tiles, TILE_N, groups).transpose(1, 2).contiguous().view(torch.uint8) for t in (d, m)]
-    return torch.cat([nibbles, *consts], dim=-1).reshape(-1).contiguous()
+    lib = _library()
+    codes = codes.to(torch.uint8).contiguous()
+    out = torch.zeros(lib.cpu_int4_packed_bytes(n, k), dtype=torch.uint8)
+    lib.cpu_int4_pack(codes.data_ptr(), d.data_ptr(), m.data_ptr(), n, k, out.data_ptr())
+    return out
 
 
 class Int4Matmul:
