@@ -177,3 +177,15 @@ def test_swiglu_fused_into_the_kernel_equals_activation_then_matmul():
     assert torch.equal(kept, torch.nn.functional.silu(gate) * up) and torch.equal(unfused, expected)
     with pytest.raises(ValueError, match="3072"):
         lin.swiglu(gate_up[:, :1536].contiguous())
+
+
+@needs_kernel
+def test_the_torch_profiler_names_the_kernel_calls():
+    from torch.profiler import profile
+
+    lin = int4_linear(q4_1(32, 64), kernel="vnni")
+    with profile() as prof:
+        lin(torch.randn(2, 64))
+        lin.swiglu(torch.randn(2, 128))
+    names = {e.key for e in prof.key_averages()}
+    assert {"cpu_int4::mm", "cpu_int4::swiglu_mm"} <= names

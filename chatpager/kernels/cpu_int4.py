@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.autograd.profiler as _profiler
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"
 
 
 _PLAIN, _RMS_NORM, _SWIGLU = 0, 1, 2  # the kernel's prologues: what it multiplies, made from its input
+_PROFILE_NAMES = ("cpu_int4::mm", "cpu_int4::rms_norm_mm", "cpu_int4::swiglu_mm")
 
 
 class _Weight(ctypes.Structure):
@@ -142,7 +144,8 @@ class Int4Matmul:
         if lib is None:
             raise RuntimeError("the cpu_int4 kernel does not run here (see the log)")
         if packed.numel() != lib.cpu_int4_packed_bytes(n, k):
-            raise ValueError(f"packed weight has {packed.numel()} bytes, [{n}, {k}] needs {lib.cpu_int4_packed_bytes(n, k)}")
+            raise ValueError(f"packed weight has {packed.numel()} bytes, "
+                             f"[{n}, {k}] needs {lib.cpu_int4_packed_bytes(n, k)}")
         self.packed, self.out_features, self.in_features = packed, n, k
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
         self._weight = _Weight(packed.data_ptr(), n, k, None if self.bias is None else self.bias.data_ptr())
@@ -156,9 +159,7 @@ class Int4Matmul:
             return self(x.reshape(-1, x.shape[-1]).contiguous()).view(*x.shape[:-1], self.out_features)
         if x.shape[1] != self.in_features:
             raise ValueError(f"input has {x.shape[1]} features, the weight takes {self.in_features}")
-        y = torch.empty(x.shape[0], self.out_features)
-        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), _PLAIN, None, 0.0)
-        return y
+        return self._run(x, _PLAIN, None, 0.0)
 
     def normed(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """self(rms_norm(x, weight, eps)) for float32 x [n, k], the norm done inside the kernel
@@ -168,9 +169,7 @@ class Int4Matmul:
             raise ValueError("normed takes contiguous float32 [n, k] inputs and a float32 norm weight")
         if x.shape[1] != self.in_features or weight.shape != (self.in_features,):
             raise ValueError(f"input / norm weight must have {self.in_features} features")
-        y = torch.empty(x.shape[0], self.out_features)
-        self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), _RMS_NORM, weight.data_ptr(), eps)
-        return y
+        return self._run(x, _RMS_NORM, weight.data_ptr(), eps)
 
     def swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) for float32 gate_up [n, 2 k] = [gate, up], the activation done
@@ -179,6 +178,13 @@ class Int4Matmul:
             raise ValueError("swiglu takes a contiguous float32 [n, 2 k] input")
         if gate_up.shape[1] != 2 * self.in_features:
             raise ValueError(f"gate_up must have {2 * self.in_features} features, got {gate_up.shape[1]}")
-        y = torch.empty(gate_up.shape[0], self.out_features)
-        self._call(gate_up.data_ptr(), gate_up.shape[0], self._weight, y.data_ptr(), _SWIGLU, None, 0.0)
+        return self._run(gate_up, _SWIGLU, None, 0.0)
+
+    def _run(self, x: torch.Tensor, prologue: int, norm: int | None, eps: float) -> torch.Tensor:
+        y = torch.empty(x.shape[0], self.out_features)
+        if _profiler._is_profiler_enabled:  # the torch profiler does not see a ctypes call: name it
+            with torch.profiler.record_function(_PROFILE_NAMES[prologue]):
+                self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), prologue, norm, eps)
+        else:
+            self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), prologue, norm, eps)
         return y
