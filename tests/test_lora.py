@@ -14,7 +14,9 @@ from hypothesis.stateful import initialize, precondition, rule
 
 from chatpager import LLM, SamplingParams
 from chatpager.engine.block_keys import root_key
-from chatpager.engine.lora import LoraError
+from chatpager.engine.loader import load_model_config
+from chatpager.engine.lora import LoraAdapter, LoraError, module_shapes
+from chatpager.engine.lora_layers import LoraWeights
 from chatpager.engine.quantization import int8_linear, quantize_int4
 from chatpager.engine.sequence import Sequence
 from chatpager.errors import RequestError
@@ -137,6 +139,34 @@ def test_prefix_cache_is_shared_under_one_adapter_only(tiny_llama, adapters):
     assert other.num_cached_tokens == 0 and base.num_cached_tokens == 0  # same tokens, other adapter
     assert again.num_cached_tokens >= len(PROMPT) - BLOCK_SIZE  # same adapter: its blocks are hits
     assert again.token_ids == first.token_ids
+
+
+@pytest.mark.parametrize("loras", [[None, "b", "a", None, "b"], [None, "b", None], ["a", "a"], ["c", None, "a"]])
+def test_batched_delta_is_each_rows_own_adapter(tiny_llama, loras):
+    """Groups of unequal size (padding), rows without an adapter, one adapter of three, two
+    that are not neighbouring slots (the stacks gathered, not sliced)."""
+    config = load_model_config(Path(tiny_llama))
+    shapes = module_shapes(config)
+    gen = torch.Generator().manual_seed(0)
+    made = [LoraAdapter(name, "", rank, {(0, m): (torch.randn(rank, shapes[m][0], generator=gen),
+                                                  torch.randn(shapes[m][1], rank, generator=gen))
+                                         for m in modules})
+            for name, rank, modules in (("a", 2, ["q_proj", "v_proj"]), ("b", 3, ["k_proj", "v_proj"]),
+                                        ("c", 1, ["q_proj", "k_proj", "v_proj"]))]
+    weights = LoraWeights(made, config, torch.float32, torch.device("cpu"))
+    counts = [2, 3, 1, 2, 1][:len(loras)]
+    x = torch.randn(sum(counts), config.hidden_size, generator=gen)
+    y = torch.randn(sum(counts), sum(shapes[m][1] for m in ("q_proj", "k_proj", "v_proj")), generator=gen)
+    got = weights.batch(loras, counts, torch.device("cpu")).add(0, "qkv", x, y.clone())
+    row_lora = [lora for lora, n in zip(loras, counts) for _ in range(n)]
+    for row, lora in enumerate(row_lora):
+        adapter = {a.name: a for a in made}.get(lora)
+        parts = []
+        for m in ("q_proj", "k_proj", "v_proj"):
+            pair = adapter.weights.get((0, m)) if adapter else None
+            parts.append(x[row] @ pair[0].T @ pair[1].T if pair else torch.zeros(shapes[m][1]))
+        torch.testing.assert_close(got[row], y[row] + torch.cat(parts))
+    assert weights.batch([None, None], [1, 2], torch.device("cpu")) is None
 
 
 def test_the_adapter_enters_the_block_key_root():

@@ -1,26 +1,30 @@
-"""The batched LoRA delta: every adapter of a step applied in one pair of matmuls per projection.
+"""The batched LoRA delta: every adapter of a step applied by one pair of bmms per projection.
 
 The model fuses q/k/v and gate/up into one linear each; `FUSED` names the PEFT modules inside
-each. For every layer and fused linear, `LoraWeights` stacks all resident adapters:
+each. For every layer and fused linear, `LoraWeights` stacks all resident adapters by slot:
 
-    a [S * M * R, in]    slot s, sub-module m, rank row k at row (s * M + m) * R + k
-    b [out, S * M * R]   B * scaling of sub-module m in its own output rows, zeros elsewhere
+    a   [S, M * R, in]    slot s, sub-module m, rank row k at [s, m * R + k]
+    b_t [S, M * R, out]   (B * scaling).T of sub-module m in its own output columns, zeros elsewhere
 
 (S adapters, M sub-modules, R the largest rank; smaller ranks and modules an adapter does not
-target are zero-padded). A step's `LoraBatch` knows each token's slot (-1: no adapter) and adds
+target are zero-padded, which adds exactly nothing). Once per step, `LoraBatch` groups the rows
+(tokens) that use an adapter by adapter: `rows` [G, L] holds the rows of each of the G adapters
+used, padded to the largest group with row 0, whose results are zeroed. Each projection then
+runs, with no loop over requests or adapters:
 
-    delta = ((x @ a.T) * mask) @ b.T,   mask[t, c] = (slot of column c == slot of token t)
+    xa    = bmm(x[rows], a[slots].T)      [G, L, M * R]   (padded entries zeroed)
+    delta = bmm(xa, b_t[slots])           [G, L, out]
+    y.index_add_(0, rows, delta)          rows without an adapter get nothing added
 
-so rows of different adapters, and rows with none, share the step: no loop over requests or
-adapters, the mask keeps every row to its own adapter's columns, and a row without one gets an
-exact zero. The delta is added to the base linear's output whatever its weights are stored in
-(dense float, int8, int4), in the activations' dtype. Cost per projection: two matmuls of width
-S * M * R beside the base one (S = 4, R = 8: 96 columns for q/k/v against 960 for the default
-model); a step with no adapter row skips it (the runner passes no LoraBatch).
+Only the adapters a step uses are read (`a[slots]` is a view of the stack when they are a run
+of slots: one adapter, or all of them), and rows without an adapter cost nothing. The delta is added to the base linear's output
+whatever its weights are stored in (dense float, int8, int4), in the activations' dtype; `y`
+must be the linear's own fresh output (it is added to in place). A step with no adapter row
+skips all of it (the runner passes no LoraBatch).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -36,9 +40,8 @@ FUSED: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "o":
 class LoraStack:
     """One fused linear of one layer, every adapter stacked (see the module docstring)."""
 
-    a: torch.Tensor  # [S * M * R, in]
-    b_t: torch.Tensor  # [S * M * R, out]: b transposed, so the second matmul reads it row-major
-    col_slot: torch.Tensor  # int64 [S * M * R]: the adapter slot of each column
+    a: torch.Tensor  # [S, M * R, in]
+    b_t: torch.Tensor  # [S, M * R, out]
 
 
 class LoraWeights:
@@ -61,33 +64,49 @@ class LoraWeights:
 
     def batch(self, loras: Sequence[str | None], num_tokens: Sequence[int],
               device: torch.device) -> LoraBatch | None:
-        """The step's per-token adapter slots, from each sequence's adapter and token count;
-        None when no sequence of the step uses an adapter."""
-        slots = [-1 if name is None else self.slot_of[name] for name in loras]
-        if all(s < 0 for s in slots):
+        """The step's row groups, from each sequence's adapter and token count (the sequences'
+        tokens are packed in this order); None when no sequence of the step uses an adapter."""
+        groups: dict[int, list[int]] = {}
+        start = 0
+        for name, n in zip(loras, num_tokens):
+            if name is not None:
+                groups.setdefault(self.slot_of[name], []).extend(range(start, start + n))
+            start += n
+        if not groups:
             return None
-        per_seq = torch.tensor(slots, dtype=torch.int64, device=device)
-        counts = torch.tensor(num_tokens, dtype=torch.int64, device=device)
-        return LoraBatch(self, torch.repeat_interleave(per_seq, counts))
+        slots = sorted(groups)
+        sizes = [len(groups[s]) for s in slots]
+        width = max(sizes)
+        rows = torch.tensor([groups[s] + [0] * (width - len(groups[s])) for s in slots], device=device)
+        padding = None
+        if min(sizes) < width:
+            lengths = torch.tensor(sizes, device=device)
+            padding = (torch.arange(width, device=device)[None, :] >= lengths[:, None]).unsqueeze(-1)
+        if slots == list(range(slots[0], slots[-1] + 1)):  # a run of slots: the stacks' view, no copy
+            picked: slice | torch.Tensor = slice(slots[0], slots[-1] + 1)
+        else:
+            picked = torch.tensor(slots, device=device)
+        return LoraBatch(self, picked, rows, padding)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class LoraBatch:
     weights: LoraWeights
-    token_slot: torch.Tensor  # int64 [num_tokens]: each token's adapter slot, -1 for none
-    _masks: dict[int, torch.Tensor] = field(default_factory=dict)  # by stack width, built once a step
+    slots: slice | torch.Tensor  # the G adapters this step uses, in order: a slice when they are a run
+    rows: torch.Tensor  # int64 [G, L]: each adapter's rows (token indices), padded with row 0
+    padding: torch.Tensor | None  # bool [G, L, 1]: True at padded entries; None when there are none
 
     def add(self, layer: int, fused: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`y` (the base linear's output for `x`) plus each row's own adapter delta."""
+        """`y` (the base linear's fresh output for `x`) plus each row's own adapter delta."""
         stack = self.weights.stacks[layer][fused]
         if stack is None:
             return y
-        width = stack.col_slot.shape[0]
-        mask = self._masks.get(width)
-        if mask is None:  # equal widths have equal column layouts: one mask serves every layer
-            mask = self._masks[width] = (self.token_slot[:, None] == stack.col_slot[None, :]).to(x.dtype)
-        xa = (x @ stack.a.T).mul_(mask)
-        return torch.addmm(y, xa, stack.b_t)
+        a, b_t = stack.a[self.slots], stack.b_t[self.slots]
+        xa = torch.bmm(x[self.rows], a.transpose(1, 2))
+        if self.padding is not None:
+            xa.masked_fill_(self.padding, 0)
+        delta = torch.bmm(xa, b_t)
+        return y.index_add_(0, self.rows.view(-1), delta.view(-1, delta.shape[-1]))
 
 
 def with_lora(y: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None, layer: int, fused: str) -> torch.Tensor:
@@ -115,5 +134,4 @@ def _stack(adapters: Sequence[LoraAdapter], layer: int, subs: tuple[str, ...],
                 a[i, j, :r] = lora_a
                 b_t[i, j, :r, start:start + out] = lora_b.T
             start += out
-    col_slot = torch.arange(s, device=device).repeat_interleave(m * rank)
-    return LoraStack(a.reshape(s * m * rank, fan_in), b_t.reshape(s * m * rank, sum(outs)), col_slot)
+    return LoraStack(a.view(s, m * rank, fan_in), b_t.view(s, m * rank, sum(outs)))
