@@ -128,6 +128,19 @@ def test_a_mixed_batch_gives_peft_greedy_tokens_per_adapter(arch, tiny_model_fac
     assert llm.model_info["lora_adapters"] == ["a", "b"]
 
 
+def test_speculative_verification_rows_take_their_adapter(tiny_llama, adapter_factory):
+    """Prompt-lookup proposals put several rows of one sequence in a decode step; greedy output
+    stays peft's. The prompts repeat themselves so proposals are made."""
+    adapters = adapter_factory(tiny_llama)
+    llm = lora_llm(tiny_llama, adapters, quantization="none", speculative="ngram", num_speculative_tokens=3)
+    loop = PROMPT[:6] * 4
+    requests = [(loop, "a"), (loop, "b"), (loop, None)]
+    got = run_mixed(llm, requests)
+    reference = peft_reference(tiny_llama, adapters)
+    assert got == [peft_greedy(reference, prompt, lora) for prompt, lora in requests]
+    assert llm.stats()["spec_proposed_tokens"] > 0
+
+
 def test_prefix_cache_is_shared_under_one_adapter_only(tiny_llama, adapters):
     llm = lora_llm(tiny_llama, adapters, quantization="none")
     greedy = dict(temperature=0, max_tokens=2)
