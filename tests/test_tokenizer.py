@@ -11,6 +11,7 @@ from jinja2.exceptions import TemplateError
 from chatpager.engine.detokenizer import Detokenizer
 from chatpager.engine.loader import resolve_model_dir
 from chatpager.engine.tokenizer import Tokenizer
+from chatpager.errors import ModelLoadError
 
 TEXTS = ["", "Hello, world!", "  leading and trailing spaces  ", "line\nbreaks\n\n\ttabs",
          "héllo wörld — “quotes” 日本語のテキスト 🎉👍🏽", "<|im_start|>user\nhi<|im_end|>", "a<|im_end|>b",
@@ -148,9 +149,44 @@ def test_a_template_that_raises_raises_template_error(tiny_llama, tmp_path):
 def test_a_corrupt_tokenizer_file_is_a_clear_error(tiny_llama, tmp_path):
     import shutil
 
-    from chatpager.errors import ModelLoadError
-
     shutil.copytree(tiny_llama, tmp_path / "m")
     (tmp_path / "m" / "tokenizer.json").write_text("{\"truncated\": ")
     with pytest.raises(ModelLoadError, match="cannot load tokenizer"):
         Tokenizer.from_dir(tmp_path / "m")
+
+
+def test_a_checkpoint_without_tokenizer_json_gets_one_made_once(tmp_path, monkeypatch):
+    """A GPT-2-style vocab.json + merges.txt only: transformers builds the tokenizer once, its
+    tokenizer.json is cached, and later loads read that without transformers."""
+    import json
+
+    import transformers
+    from tokenizers import pre_tokenizers
+
+    from chatpager.engine.loader import load_tokenizer
+
+    monkeypatch.setenv("CHATPAGER_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    model.mkdir()
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"he": 256, "Ġt": 257, "<|im_end|>": 258})
+    (model / "vocab.json").write_text(json.dumps(vocab))
+    (model / "merges.txt").write_text("#version: 0.2\nh e\nĠ t\n")
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "eos_token": "<|im_end|>", "bos_token": "<|im_end|>",
+        "unk_token": "<|im_end|>", "chat_template": "{% for m in messages %}{{ m.content + eos_token }}{% endfor %}"}))
+    theirs = transformers.AutoTokenizer.from_pretrained(model)
+    ours = load_tokenizer(model)
+    text, conv = "the heat <|im_end|> tea", [{"role": "user", "content": "the"}]
+    assert ours.encode(text) == theirs.encode(text)
+    assert 256 in ours.encode(text) and ours.eos_token_id == theirs.eos_token_id == 258
+    assert ours.apply_chat_template(conv) == theirs.apply_chat_template(conv, return_dict=False)
+
+    def no_transformers(*args, **kwargs):
+        raise AssertionError("the cached tokenizer.json should have been read")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_transformers)
+    assert load_tokenizer(model).encode(text) == theirs.encode(text)
+    (model / "merges.txt").write_text("#version: 0.2\nh e\n")  # a changed vocabulary converts again
+    with pytest.raises(ModelLoadError, match="cannot load tokenizer"):
+        load_tokenizer(model)

@@ -7,10 +7,12 @@ Sources, in `resolve_model_dir`:
 A GGUF file is converted once (transformers dequantizes it) into float safetensors + config +
 tokenizer under the user cache directory, keyed by the file's path, size and mtime; later loads
 read that directory directly, without transformers: config.json into `ModelConfig`, the
-tokenizer through `chatpager.engine.tokenizer` (transformers is imported only to convert). Beside it, `INT4_CODES` keeps the file's own 4-bit layer weights
-(`gguf_weights`, checked once against the float conversion) and the output head quantized to
-int4 once, for the int4 path, or says the file has none; torch packs them for its kernels at load
-(that layout depends on the CPU).
+tokenizer through `chatpager.engine.tokenizer`. transformers is imported only to convert (a GGUF
+file; a checkpoint without tokenizer.json, whose tokenizer.json is made once and cached).
+Beside a conversion, `INT4_CODES` keeps the file's own 4-bit layer weights (`gguf_weights`,
+checked once against the float conversion) and the output head quantized to int4 once, for the
+int4 path, or says the file has none; torch packs them for its kernels at load (that layout
+depends on the CPU).
 Weights are read lazily (`SafetensorsWeights`): a quantized load never inflates what it skips.
 Every failure becomes a ModelLoadError that names the problem.
 """
@@ -214,7 +216,33 @@ def _same(a: "torch.Tensor", b: "torch.Tensor") -> bool:
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir)
+    """The model's tokenizer from its tokenizer.json. A checkpoint that has none (only a
+    sentencepiece or BPE vocabulary) gets one made by transformers once, cached."""
+    if (model_dir / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(model_dir)
+    return Tokenizer.from_dir(_converted_tokenizer(model_dir))
+
+
+def _converted_tokenizer(model_dir: Path) -> Path:
+    files = sorted(f for f in model_dir.iterdir() if f.is_file() and f.suffix != ".safetensors")
+    stamp = "".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files)
+    key = hashlib.sha256(f"{model_dir.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    target = cache_root() / "tokenizers" / f"{model_dir.resolve().name}-{key}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    except Exception as exc:  # transformers raises many types for missing or bad vocabularies
+        raise ModelLoadError(f"cannot load tokenizer from {model_dir}: {exc}") from None
+    if not (tmp / "tokenizer.json").is_file():
+        raise ModelLoadError(f"cannot load tokenizer from {model_dir}: transformers made no tokenizer.json of it")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
 def eos_token_ids(model_dir: Path, config: ModelConfig, tokenizer: Tokenizer) -> set[int]:
