@@ -17,10 +17,13 @@ runs, with no loop over requests or adapters:
     y.index_add_(0, rows, delta)          rows without an adapter get nothing added
 
 Only the adapters a step uses are read (`a[slots]` is a view of the stack when they are a run
-of slots: one adapter, or all of them), and rows without an adapter cost nothing. The delta is added to the base linear's output
-whatever its weights are stored in (dense float, int8, int4), in the activations' dtype; `y`
-must be the linear's own fresh output (it is added to in place). A step with no adapter row
-skips all of it (the runner passes no LoraBatch).
+of slots: one adapter, or all of them), and rows without an adapter cost nothing. The delta is
+added to the base linear's output whatever its weights are stored in (dense float, int8,
+int4), in the activations' dtype; `y` must be the linear's own fresh output (it is added to in
+place). A step with no adapter row skips all of it (the runner passes no LoraBatch).
+Measured (benchmarks/lora_overhead.py, default model, 16 sequences decoding, 4 rank-16
+adapters on every projection, 2 busy cores): +15-18% a step with every sequence on an
+adapter, ~+10% with one of them on one.
 """
 from __future__ import annotations
 
