@@ -70,3 +70,33 @@ def test_bad_config_json_is_a_clear_error(tmp_path):
         ModelConfig.from_dict({"model_type": "llama", **SIZES, "hidden_size": None})
     with pytest.raises(ModelLoadError, match="activation 'gelu'"):
         ModelConfig.from_dict({"model_type": "llama", **SIZES, "hidden_act": "gelu"})
+
+
+@pytest.mark.parametrize("rope", [
+    None, {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},  # through transformers
+])
+def test_rope_tables_equal_transformers(tmp_path, rope):
+    """Linear and Llama 3 scaling are computed without transformers; same floats as its formulas."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from chatpager.engine.rope import rope_tables
+
+    raw = {"model_type": "llama", **SIZES, "head_dim": 32, "max_position_embeddings": 512,
+           "rope_theta": 50000.0, "rope_scaling": rope}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = AutoConfig.from_pretrained(tmp_path)
+    kind = hf.rope_parameters["rope_type"]
+    if kind == "default":
+        inv_freq, scale = 1.0 / (50000.0 ** (torch.arange(0, 32, 2, dtype=torch.int64).float() / 32)), 1.0
+    else:
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](hf, torch.device("cpu"))
+    freqs = torch.outer(torch.arange(512, dtype=torch.float32), inv_freq.float())
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = rope_tables(load_model_config(tmp_path), 512)
+    assert torch.equal(cos, emb.cos() * scale) and torch.equal(sin, emb.sin() * scale)

@@ -122,6 +122,10 @@ def _rope_parameters(c: dict[str, Any]) -> dict[str, Any]:
     params = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
     params.setdefault("rope_theta", c["rope_theta"])
     params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):  # the pre-training context, as transformers fills it
+        if "original_max_position_embeddings" in c:
+            params["original_max_position_embeddings"] = c["original_max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", c["max_position_embeddings"])
     return params
 
 

@@ -1,6 +1,11 @@
-"""Rotary position embedding tables, for the default and every scaled variant transformers knows."""
+"""Rotary position embedding tables, for the default and every scaled variant transformers knows.
+
+Default, dynamic (equal to default within the original context), linear and Llama 3 scaling are
+computed here; the rarer variants (yarn, longrope, ...) use transformers' formulas, which
+imports it at load for those models only."""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,11 +18,15 @@ def rope_tables(config: "ModelConfig", max_positions: int) -> tuple[torch.Tensor
     """cos, sin of shape [max_positions, head_dim] (halves duplicated, Hugging Face layout)."""
     params, head_dim = config.rope_parameters, config.head_dim
     rope_type = params["rope_type"]
-    if rope_type in ("default", "dynamic"):
+    scaling = 1.0
+    if rope_type in ("default", "dynamic", "linear", "llama3"):
         # dynamic NTK equals default up to the original context; the engine caps max_model_len there
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        scaling = 1.0
-    else:  # scaled variants: transformers' own formulas, on its config (imported only for these models)
+        if rope_type == "linear":
+            inv_freq = inv_freq / params["factor"]
+        elif rope_type == "llama3":
+            inv_freq = _llama3_frequencies(inv_freq, params)
+    else:  # other scaled variants: transformers' own formulas, on its config (imported only for these)
         from transformers import AutoConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -29,6 +38,21 @@ def rope_tables(config: "ModelConfig", max_positions: int) -> tuple[torch.Tensor
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * scaling, emb.sin() * scaling
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
+    """Llama 3.1's long-context scaling: wavelengths shorter than the original context / the
+    high-frequency factor keep their frequency, those longer than context / the low-frequency
+    factor are slowed by `factor`, and the band between blends the two linearly in
+    context / wavelength (the order of operations is transformers', so the floats agree)."""
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    context = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    slow = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelen - low) / (high - low)
+    blended = (1 - blend) * slow / factor + blend * slow
+    in_band = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(in_band, blended, slow)
 
 
 def rope_for_positions(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
