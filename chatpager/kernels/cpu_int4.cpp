@@ -1,13 +1,18 @@
-// y[M, N] = x[M, K] @ W^T for grouped affine int4 weights (w = d * q + m, q in 0..15, groups of
-// 32 along K), with the activations quantized to int8 per group of 32 on the way in, and the
-// int4 x int8 dot products done by AVX512-VNNI (vpdpbusd: unsigned bytes x signed bytes).
+// y[M, N] = f(x)[M, K] @ W^T for grouped affine int4 weights (w = d * q + m, q in 0..15, groups
+// of 32 along K), with the activations quantized to int8 per group of 32 on the way in, and the
+// int4 x int8 dot products done by AVX512-VNNI (vpdpbusd: unsigned bytes x signed bytes). f, the
+// prologue, is the identity, the model's RMSNorm or SwiGLU's silu(gate) * up, computed as the
+// row is quantized so that it is never written out.
 //
-// Per output n, activation row r and group g:
-//   sum_k w[n,k] x[r,k] ~= d[n,g] * dx[r,g] * sum_k q[n,k] qx[r,k] + m[n,g] * sum_k x[r,k]
-// qx = round(x / dx) with dx = max|x| / 127 over the group; the minimum's term uses the exact
-// float sum of x, so only the activation rounding in the first term is an approximation.
+// Activations as two int8 digits per group: s = max|x| / 127, a coarse digit qc = round(x / s)
+// and a fine one qf = round((x - s * qc) / (s / 254)), so x ~= (s / 254) * (254 qc + qf) to
+// ~15 bits of the group's range (one digit alone, as llama.cpp's Q8_1 does, cost the default
+// model 7 points of teacher-forced agreement: 93.1 % against 99.96 %). Per output n, activation
+// row r and group g:
+//   sum_k w[n,k] x[r,k] ~= d[n,g] * (s / 254) * sum_k q[n,k] (254 qc + qf)[r,k] + m[n,g] * sum_k x[r,k]
+// The minimum's term uses the exact float sum of x: only the digits' rounding is approximate.
 //
-// Weight layout (built by cpu_int4.py's `pack`, streamed linearly here): output rows in tiles
+// Weight layout (made once at load by cpu_int4_pack below, streamed linearly by the kernel): output rows in tiles
 // of TILE_N = 16, each tile all its groups in order, TILE_BYTES per (tile, group):
 //   4 x 64 bytes of codes: byte [j][row * 4 + b] = q[row][4j + b] | q[row][16 + 4j + b] << 4
 //   16 x fp16 d, then 16 x fp16 m
@@ -16,7 +21,7 @@
 // activations multiplies all 16 rows at once and no horizontal sums are needed.
 //
 // Each weight tile is unpacked once per group for up to MAX_ROWS activation rows held in
-// registers; more rows re-read the tile from cache, not memory. Threads split the tiles.
+// registers; more rows re-read the tile from cache, not memory. Threads take tiles in chunks.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>

@@ -2,15 +2,17 @@
 
 `pack(codes, scale, minimum)` turns grouped affine int4 weights (w = scale * code + minimum,
 groups of 32 along the input) into the kernel's layout once, at load; `Int4Matmul(packed, n, k,
-bias)(x)` is then y = x @ w.T + bias in float32, with x quantized to int8 per group of 32 inside
-the call (see the .cpp for the layout and the arithmetic). Few rows is what it is for: each weight byte
-is read from memory once per call, whatever the number of rows.
+bias)(x)` is then y = x @ w.T + bias in float32, the activations rounded to two int8 digits per
+group of 32 inside the call (~15 bits of each group's range; see the .cpp for the layout and the
+arithmetic). `.normed(h, weight, eps)` and `.swiglu(gate_up)` also apply the model's RMSNorm or
+SwiGLU activation to the input as the kernel reads it, saving the ATen ops and the tensor between.
+Few rows is what it is for: each weight byte is read from memory once per call, however many rows.
 
 The library is compiled with g++ the first time it is needed and cached under the user cache
 dir, keyed by the source, the flags and the compiler, so a changed kernel is rebuilt and a
 cached one loads in milliseconds. `available()` is False — with one logged line saying why —
-when the CPU lacks the instructions, g++ is missing or the build fails; callers then use
-torch's own int4 op. It shares torch's OpenMP runtime (the .so links libgomp, which torch has
+when the CPU lacks the instructions, g++ is missing or the build fails, or when
+CHATPAGER_CPU_INT4=0 (to compare); callers then use torch's own int4 op. It shares torch's OpenMP runtime (the .so links libgomp, which torch has
 already loaded), so its threads are torch's threads, as many as torch's ops use on the calling
 thread.
 
