@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ["transformers", "torch._dynamo", "torch._inductor", "triton", "fastapi", "textual"]
 CHILD = """
 import json, sys
@@ -17,9 +19,10 @@ print(json.dumps({"tokens": len(out[0].token_ids), "loaded": [m for m in sys.arg
 """
 
 
-def test_loading_and_chatting_import_no_transformers(tiny_llama):
-    proc = subprocess.run([sys.executable, "-c", CHILD, tiny_llama, *HEAVY], capture_output=True, text=True,
-                          timeout=120)
+@pytest.mark.parametrize("arch", ["llama", "llama3-rope"])
+def test_loading_and_chatting_import_no_transformers(tiny_model_factory, arch):
+    proc = subprocess.run([sys.executable, "-c", CHILD, tiny_model_factory(arch), *HEAVY], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens"] == 2
