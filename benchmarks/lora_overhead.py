@@ -1,11 +1,11 @@
-"""What multi-LoRA costs a decode step: the default model without adapters, with `--loras`
-random rank-`--rank` adapters loaded but unused, and with every sequence under one of them
-(round robin, so each step mixes them all).
+"""What the multi-LoRA delta costs a decode step of the default model: `--seqs` sequences
+decoding with `--loras` random rank-`--rank` adapters (peft, every projection) loaded, either
+every sequence under one of them (round robin: each step mixes them all) or only the first.
 
     .venv/bin/python benchmarks/lora_overhead.py --seqs 16 --context 200 --loras 4 --rank 16
 
-The adapters are made with peft (random lora_B, every projection targeted) in a temporary
-directory; each case prefills its sequences, then times `--steps` decode steps (median wall).
+Steps with and without the delta alternate on the same batch (the runner's adapters switched
+off every other step), so a busy machine slows both alike; the medians and their ratio print.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatpager bench` does
 import torch  # noqa: E402
 
 from chatpager import LLM, SamplingParams  # noqa: E402
+from chatpager.engine.loader import resolve_model_dir  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,22 +43,25 @@ def make_adapters(model_dir: str, count: int, rank: int, root: Path) -> dict[str
     return paths
 
 
-def step_ms(llm: LLM, loras: list[str | None], context: int, steps: int) -> float:
+def step_ms(llm: LLM, loras: list[str | None], context: int, steps: int) -> tuple[float, float]:
+    """Median decode step (ms) of these requests without and with their adapters' delta."""
     eng, rng = llm.engine, random.Random(0)
     for lora in loras:
         prompt = [rng.randrange(100, 40000) for _ in range(context)]
-        eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True, lora=lora))
+        eng.add_request(prompt, SamplingParams(temperature=0, max_tokens=2 * steps + 2, ignore_eos=True, lora=lora))
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.seqs.values()):
         eng.step()
     eng.step()
-    times = []
-    for _ in range(steps):
+    weights, times = eng.runner.lora, {False: [], True: []}
+    for i in range(2 * steps):
+        eng.runner.lora = weights if i % 2 else None
         start = time.perf_counter()
         eng.step()
-        times.append(time.perf_counter() - start)
+        times[bool(i % 2)].append(time.perf_counter() - start)
+    eng.runner.lora = weights
     while eng.has_unfinished():
         eng.step()
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times[False]), 1000 * statistics.median(times[True])
 
 
 def main() -> None:
@@ -66,24 +70,21 @@ def main() -> None:
     p.add_argument("--context", type=int, default=200)
     p.add_argument("--loras", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=15)
     p.add_argument("--quantization", default="none", help="LLM(quantization=...) (%(default)s)")
     args = p.parse_args()
-    kwargs = dict(max_model_len=1024, quantization=args.quantization)
-    base = LLM(**kwargs)
-    plain = step_ms(base, [None] * args.seqs, args.context, args.steps)
-    model_dir = base.model_info["path"]
-    del base
     with tempfile.TemporaryDirectory() as tmp:
-        adapters = make_adapters(model_dir, args.loras, args.rank, Path(tmp))
-        llm = LLM(lora_adapters=adapters, max_loras=args.loras, **kwargs)
-        unused = step_ms(llm, [None] * args.seqs, args.context, args.steps)
-        names = list(adapters)
-        mixed = step_ms(llm, [names[i % len(names)] for i in range(args.seqs)], args.context, args.steps)
-    print(f"decode step, {args.seqs} seqs x {args.context} ctx, {args.quantization}, torch threads "
-          f"{torch.get_num_threads()}: no adapters {plain:.1f} ms | {args.loras} rank-{args.rank} loaded, "
-          f"unused {unused:.1f} ms | every seq under one, all {args.loras} mixed {mixed:.1f} ms "
-          f"({mixed / plain - 1:+.0%})")
+        adapters = make_adapters(str(resolve_model_dir(None)), args.loras, args.rank, Path(tmp))
+        llm = LLM(max_model_len=1024, quantization=args.quantization, lora_adapters=adapters,
+                  max_loras=args.loras)
+    names = list(adapters)
+    cases = {f"all {args.seqs} on one of {args.loras}": [names[i % len(names)] for i in range(args.seqs)],
+             f"1 of {args.seqs} on one": [names[0]] + [None] * (args.seqs - 1)}
+    print(f"decode step, {args.seqs} seqs x {args.context} ctx, rank {args.rank}, quantization "
+          f"{args.quantization}, torch threads {torch.get_num_threads()}:")
+    for label, loras in cases.items():
+        base, with_delta = step_ms(llm, loras, args.context, args.steps)
+        print(f"  {label}: {base:.1f} ms without the delta, {with_delta:.1f} ms with ({with_delta / base - 1:+.0%})")
 
 
 if __name__ == "__main__":
