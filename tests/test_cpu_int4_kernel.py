@@ -1,8 +1,10 @@
 """The VNNI int4 kernel computes x @ w.T for grouped int4 weights up to the rounding of its
-activations to two int8 digits, over the shapes the supported models have; without it, int4 layers run torch's op."""
+activations to two int8 digits, over the shapes the supported models have; it is built wherever
+the CPU and a compiler allow, and without it int4 layers run torch's op."""
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -12,6 +14,12 @@ from chatpager.engine.quantization import Int4Linear, int4_linear
 from chatpager.kernels import cpu_int4
 
 needs_kernel = pytest.mark.skipif(not cpu_int4.available(), reason="the CPU lacks AVX512-VNNI or g++ is missing")
+
+
+def test_the_kernel_is_built_wherever_the_cpu_and_a_compiler_allow():
+    # the tests below skip without the kernel: this one fails instead if a build breaks
+    if cpu_int4._cpu_supports() and shutil.which("g++"):
+        assert cpu_int4.available()
 
 
 def q4_1(n: int, k: int, seed: int = 0) -> GroupedInt4:
