@@ -34,3 +34,15 @@ def test_the_command_line_parses_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_loading_leaves_the_thread_count_as_it_was(tiny_llama):
+    """The model is built on one thread (small memory-bound ops); inference gets them all back."""
+    import torch
+
+    from chatpager import LLM
+
+    threads = torch.get_num_threads()
+    assert threads > 1  # conftest sets 2, so the build's one-thread phase is visible
+    LLM(tiny_llama)
+    assert torch.get_num_threads() == threads
