@@ -3,7 +3,7 @@ from chatpager.engine.sampling_params import SamplingParams
 
 
 def __getattr__(name: str):
-    # LLM pulls in torch and transformers: import it only when asked for
+    # LLM pulls in torch (seconds): import it only when asked for
     if name == "LLM":
         from chatpager.engine.llm import LLM
 

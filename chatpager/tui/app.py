@@ -162,7 +162,7 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.title = f"chatpager · serving {self.server.url}/v1"
 
     def _load_llm(self, progress: ProgressFn):
-        from chatpager import LLM  # torch and transformers load on the engine thread
+        from chatpager import LLM  # torch loads on the engine thread
 
         return LLM(**self.config.engine.llm_kwargs(), progress=progress)
 
