@@ -85,7 +85,7 @@ def test_many_rows_cross_register_and_cache_blocks():
 
 @needs_kernel
 def test_threads_split_the_work_without_changing_the_result():
-    w, x = q4_1(3072, 576), torch.randn(3, 576)
+    w, x = q4_1(3072, 576), torch.randn(24, 576)  # 42M multiply-adds: split whatever the OpenMP wait policy
     lin = int4_linear(w, kernel="vnni")
     before = torch.get_num_threads()
     try:

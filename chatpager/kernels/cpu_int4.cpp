@@ -26,7 +26,9 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <algorithm>
 #include <vector>
@@ -40,7 +42,6 @@ constexpr int TILE_BYTES = CODE_BYTES + 2 * TILE_N * 2;  // + fp16 d and m: 320
 constexpr int MAX_ROWS = 8;                              // activation rows per register block
 constexpr int64_t ROW_BLOCK = 256;                       // activation rows kept hot in L2 per sweep
 constexpr int FINE = 254;                                // second activation digit: steps of step / FINE
-constexpr int64_t MIN_PARALLEL_MACS = 1 << 18;           // below: waking a thread costs more than it saves
 
 // The activations of one call, quantized: per row and group 32 coarse then 32 fine int8 digits
 // [M, 2 K], the fine digit's scale and the exact sum per group [M, K / 32].
@@ -49,6 +50,16 @@ struct Quantized {
   std::vector<float> d, s;
 };
 thread_local Quantized scratch;  // per calling thread: ctypes releases the GIL
+
+// Work below which one thread is faster than two. It depends on how OpenMP's idle threads wait:
+// spinning (OMP_WAIT_POLICY=ACTIVE) they start within a microsecond, and two threads win from
+// ~8 us of work (a 576 x 576 matmul at one row); asleep (PASSIVE, or the default) waking one
+// costs ~10-20 us and two threads lost on every layer matmul of the default model at one row
+// (measured 2026-11-23: gate_up 44 -> 59 us), so only calls of ~150 us or more are split.
+int64_t min_parallel_macs() {
+  const char* policy = getenv("OMP_WAIT_POLICY");  // as libgomp read it when torch loaded it
+  return policy && strcasecmp(policy, "active") == 0 ? int64_t(1) << 18 : int64_t(1) << 23;
+}
 
 inline int32_t load4(const int8_t* p) {
   int32_t v;
@@ -208,7 +219,8 @@ void cpu_int4_mm(const float* x, int64_t m, const Int4Weight* w, float* y, int p
   if ((int64_t)qa.d.size() < m * groups) qa.d.resize(m * groups), qa.s.resize(m * groups);
   int8_t* q = qa.q.data();
   float *d = qa.d.data(), *s = qa.s.data();
-  const bool parallel = threads > 1 && m * n * k >= MIN_PARALLEL_MACS;
+  static const int64_t min_parallel = min_parallel_macs();
+  const bool parallel = threads > 1 && m * n * k >= min_parallel;
   // dynamic, in ~8 chunks a thread: a thread that starts late (woken from sleep, or sharing its
   // core) takes fewer chunks instead of holding the others at the end; each tile is still
   // computed whole by one thread, so the result does not depend on who took it
