@@ -8,10 +8,12 @@ from __future__ import annotations
 import sys
 
 from chatpager.errors import ChatpagerError
+from chatpager.omp_policy import choose_wait_policy
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    choose_wait_policy()  # before anything imports torch
     try:
         if argv[:1] == ["bench"]:
             from chatpager.bench.cli import main as bench_main

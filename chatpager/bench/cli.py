@@ -92,11 +92,8 @@ def _progress(console):
 
 
 def main(argv: list[str]) -> int:
-    # Threads that wait at a barrier should sleep, not spin: with two other busy processes on
-    # this 2-core machine, 2 spinning threads ran a small workload in 105 s, 2 sleeping ones in
-    # 39 s, 1 thread in 44 s (BENCHMARKS.md). libgomp reads this once, when torch is first
-    # imported; a value the user set wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The OpenMP wait policy is what chat and serve get (`chatpager.omp_policy`, chosen by
+    # chatpager.cli before torch loads); the report records it.
     args = parse_args(argv)
     args.command = " ".join(["chatpager bench", *argv])
     from rich.console import Console

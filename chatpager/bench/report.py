@@ -28,7 +28,7 @@ def machine_info() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    return {"cpu": cpu, "cores": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 

@@ -1,0 +1,29 @@
+"""How torch's OpenMP threads wait between parallel regions, chosen once before torch loads.
+
+libgomp reads OMP_WAIT_POLICY when it is loaded (with torch) and never again. Its default
+(unset) spins a while, then sleeps: on free cores that is the fastest choice for every workload
+chatpager runs (measured on the 2-core dev machine, BENCHMARKS.md: 16 sessions x 3 turns took
+10.1 s unset, 10.7 s ACTIVE, 16.1 s PASSIVE; one stream decoded 67-69 tok/s under all three).
+When other processes already keep the cores busy, spinning threads fight them for the CPU at
+every barrier (a first prefill took 1.8-2.7 s spinning against 0.2-0.3 s sleeping at load 3-6),
+so then threads sleep (PASSIVE). A policy the user set always wins.
+"""
+from __future__ import annotations
+
+import os
+
+
+def choose_wait_policy(environ: dict | None = None, load: float | None = None,
+                       cores: int | None = None) -> str | None:
+    """Set OMP_WAIT_POLICY=PASSIVE in `environ` (os.environ) when the 1-minute load average
+    already fills every core and the user set no policy. Returns the policy now in effect
+    (None: libgomp's default). Call before torch is imported."""
+    env = os.environ if environ is None else environ
+    if env.get("OMP_WAIT_POLICY"):
+        return env["OMP_WAIT_POLICY"]
+    load = os.getloadavg()[0] if load is None else load
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    if load >= cores:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        return "PASSIVE"
+    return None
