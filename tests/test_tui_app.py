@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from chatpager.tui.widgets.chat_view import ChatView
 from chatpager.tui.widgets.prompt_input import PromptInput
 from chatpager.tui.widgets.session_list import SessionList
 from chatpager.tui.widgets.slash_hints import SlashHints
+from tui_support import until
 
 SIZE = (160, 45)
 SHORT = SamplingParams(temperature=0.8, max_tokens=6)
@@ -63,12 +63,6 @@ async def running(app: ChatpagerApp):
         await until(pilot, lambda: app.main.query_one(SessionList).options)
         yield pilot
 
-
-async def until(pilot, condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await pilot.pause(0.05)
 
 
 async def loaded(pilot) -> None:

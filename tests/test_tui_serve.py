@@ -3,7 +3,6 @@ appear in the TUI's sidebar as one read-only session per conversation, its block
 the block map — driven with Pilot on a tiny random-weight model."""
 from __future__ import annotations
 
-import time
 
 import openai
 import pytest
@@ -16,6 +15,7 @@ from chatpager.tui.screens.help import HelpScreen
 from chatpager.tui.widgets.block_map import BlockMap
 from chatpager.tui.widgets.prompt_input import PromptInput
 from chatpager.tui.widgets.session_list import SessionList
+from tui_support import until
 
 SYSTEM = {"role": "system", "content": "You are a remote tenant's assistant."}
 
@@ -31,12 +31,6 @@ def app(tiny_model_factory, tmp_path) -> ChatpagerApp:
     app.notify = lambda message, **kw: (app.notices.append(str(message)), notify(message, **kw))
     return app
 
-
-async def until(pilot, condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await pilot.pause(0.05)
 
 
 def remote_sessions(app: ChatpagerApp) -> list:
