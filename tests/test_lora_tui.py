@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from chatpager.engine_args import EngineArgs
 from chatpager.tui.app import ChatpagerApp
-from chatpager.tui.config import AppConfig
 from chatpager.tui.store import Store
 from test_lora import ADAPTERS, make_adapter
-from test_tui_app import SHORT, loaded, running, say, until
+from test_tui_app import loaded, make_app, running, say, until
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +22,7 @@ def adapters(model, tmp_path_factory) -> dict[str, str]:
 
 
 def lora_app(model: str, adapters: dict[str, str], data_dir) -> ChatpagerApp:
-    engine = EngineArgs(model=model, num_blocks=1024, lora_adapters=adapters)
-    app = ChatpagerApp(AppConfig(engine=engine, data_dir=data_dir, params=SHORT, refresh_interval=0.05))
-    app.notices = []
-    notify = app.notify
-
-    def recording_notify(message, **kwargs):
-        app.notices.append(str(message))
-        return notify(message, **kwargs)
-
-    app.notify = recording_notify
-    return app
+    return make_app(model, data_dir, engine_options={"lora_adapters": adapters})
 
 
 def header(app: ChatpagerApp) -> str:
