@@ -36,7 +36,8 @@ def test_the_wheel_carries_the_prompts_and_data_files(wheel):
     prompts = sorted(p.name for p in (ROOT / "chatpager" / "prompts").glob("*.md"))
     assert len(prompts) >= 6 and "_house_style.md" in prompts
     assert {f"chatpager/prompts/{name}" for name in prompts} <= names
-    assert {"chatpager/tui/app.tcss", "chatpager/tui/swarm_turns.txt", "chatpager/kernels/cpu_int4.cpp"} <= names
+    assert {"chatpager/tui/app.tcss", "chatpager/tui/swarm_turns.txt", "chatpager/kernels/cpu_int4.cpp",
+            "chatpager/kernels/cpu_attention.cpp", "chatpager/kernels/cpu_simd.h"} <= names
 
 
 def test_an_installed_wheel_loads_its_prompts(wheel, tmp_path):

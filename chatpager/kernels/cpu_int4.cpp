@@ -28,10 +28,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include <algorithm>
 #include <vector>
+
+#include "cpu_simd.h"
 
 namespace {
 
@@ -57,26 +58,13 @@ thread_local Quantized scratch;  // per calling thread: ctypes releases the GIL
 // costs ~10-20 us and two threads lost on every layer matmul of the default model at one row
 // (measured 2026-11-23: gate_up 44 -> 59 us), so only calls of ~150 us or more are split.
 int64_t min_parallel_macs() {
-  const char* policy = getenv("OMP_WAIT_POLICY");  // as libgomp read it when torch loaded it
-  return policy && strcasecmp(policy, "active") == 0 ? int64_t(1) << 18 : int64_t(1) << 23;
+  return omp_threads_spin() ? int64_t(1) << 18 : int64_t(1) << 23;
 }
 
 inline int32_t load4(const int8_t* p) {
   int32_t v;
   memcpy(&v, p, 4);
   return v;
-}
-
-// e^x to ~2e-7 relative: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^6.
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: n * hi is exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
 }
 
 // silu(gate) * up, the SwiGLU MLP's activation

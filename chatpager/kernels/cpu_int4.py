@@ -8,13 +8,10 @@ arithmetic). `.normed(h, weight, eps)` and `.swiglu(gate_up)` also apply the mod
 SwiGLU activation to the input as the kernel reads it, saving the ATen ops and the tensor between.
 Few rows is what it is for: each weight byte is read from memory once per call, however many rows.
 
-The library is compiled with g++ the first time it is needed and cached under the user cache
-dir, keyed by the source, the flags and the compiler, so a changed kernel is rebuilt and a
-cached one loads in milliseconds. `available()` is False — with one logged line saying why —
-when the CPU lacks the instructions, g++ is missing or the build fails, or when
-CHATPAGER_CPU_INT4=0 (to compare); callers then use torch's own int4 op. It shares torch's OpenMP runtime (the .so links libgomp, which torch has
-already loaded), so its threads are torch's threads, as many as torch's ops use on the calling
-thread.
+The library is built and loaded by `cpu_build` (g++ at first use, cached by source, flags and
+compiler). `available()` is False — with one logged line saying why — when the CPU lacks the
+instructions, g++ is missing or the build fails, or when CHATPAGER_CPU_INT4=0 (to compare);
+callers then use torch's own int4 op. Its threads are torch's OpenMP threads.
 
 Invariants: the packed layout depends on nothing but the weights (no CPU-specific packing);
 d and m are stored as float16, exact for GGUF Q4_0 / Q4_1 (`pack` refuses values float16
@@ -24,27 +21,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
-import torch.autograd.profiler as _profiler
+
+from chatpager.kernels import cpu_build
 
 log = logging.getLogger(__name__)
 
 GROUP = 32
 TILE_N = 16
 SOURCE = Path(__file__).with_suffix(".cpp")
-# Explicit ISA flags rather than -march=native: the cached .so must not depend on which machine
-# built it; `_cpu_supports` checks these at run time before anything is loaded.
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl",
-         "-mavx512dq", "-mavx512vnni", "-mf16c", "-mfma")
-NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "f16c", "fma")
+FLAGS = (*cpu_build.AVX512_FLAGS, "-mavx512vnni")
+NEEDED_CPU_FLAGS = (*cpu_build.AVX512_CPU_FLAGS, "avx512_vnni")
 
 
 _PLAIN, _RMS_NORM, _SWIGLU = 0, 1, 2  # the kernel's prologues: what it multiplies, made from its input
@@ -56,53 +46,13 @@ class _Weight(ctypes.Structure):
 
 
 def _cpu_supports() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return all(f in flags for f in NEEDED_CPU_FLAGS)
-
-
-def _cache_dir() -> Path:
-    import platformdirs
-
-    return Path(os.environ.get("CHATPAGER_CACHE_DIR") or platformdirs.user_cache_dir("chatpager")) / "kernels"
-
-
-def _build(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_int4-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # built beside the target and renamed: a concurrent or interrupted build never leaves half a file
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        res = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
-        if res.returncode:
-            raise RuntimeError(f"{compiler} failed: {res.stderr.strip()[-500:]}")
-        os.replace(out, target)
-    return target
+    return cpu_build.cpu_supports(NEEDED_CPU_FLAGS)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("CHATPAGER_CPU_INT4", "1") == "0":
-        log.info("cpu_int4 kernel disabled by CHATPAGER_CPU_INT4=0; using torch's int4 op")
-        return None
-    if not _cpu_supports():
-        log.info("cpu_int4 kernel needs AVX512-VNNI, which this CPU lacks; using torch's int4 op")
-        return None
-    compiler = os.environ.get("CXX") or shutil.which("g++")
-    if compiler is None:
-        log.warning("cpu_int4 kernel needs g++ to build, none found; using torch's int4 op")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("cpu_int4 kernel unavailable (%s); using torch's int4 op", e)
+    lib = cpu_build.load(SOURCE, FLAGS, NEEDED_CPU_FLAGS, "CHATPAGER_CPU_INT4", "torch's int4 op", log)
+    if lib is None:
         return None
     lib.cpu_int4_packed_bytes.argtypes, lib.cpu_int4_packed_bytes.restype = [ctypes.c_int64] * 2, ctypes.c_int64
     lib.cpu_int4_mm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(_Weight), ctypes.c_void_p,
@@ -184,9 +134,6 @@ class Int4Matmul:
 
     def _run(self, x: torch.Tensor, prologue: int, norm: int | None, eps: float) -> torch.Tensor:
         y = torch.empty(x.shape[0], self.out_features)
-        if _profiler._is_profiler_enabled:  # the torch profiler does not see a ctypes call: name it
-            with torch.profiler.record_function(_PROFILE_NAMES[prologue]):
-                self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), prologue, norm, eps)
-        else:
-            self._call(x.data_ptr(), x.shape[0], self._weight, y.data_ptr(), prologue, norm, eps)
+        cpu_build.call(_PROFILE_NAMES[prologue], self._call, x.data_ptr(), x.shape[0], self._weight, y.data_ptr(),
+                       prologue, norm, eps)
         return y

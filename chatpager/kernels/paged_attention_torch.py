@@ -10,7 +10,10 @@ The queries of sequence i are the last q_len_i positions of its context and atte
 to the whole context through the block table. num_heads is a multiple of num_kv_heads (GQA).
 
 How (this is also the CPU engine's fast path, so cost matters). A `TorchAttentionPlan`,
-made once per step from the metadata alone (`plan_paged_attention`), says what each layer does:
+made once per step from the metadata alone (`plan_paged_attention`), says what each layer does.
+On an AVX512 CPU where `cpu_attention` builds, every decode row (one query) goes to that C
+kernel, which reads K/V in place through the block table (sliding window included), all rows in
+one call; prefill chunks go as below. Elsewhere, or with CHATPAGER_CPU_ATTENTION=0:
 - Decode rows (one query each) whose block tables start with the same run of blocks (a shared
   system prompt or history) attend to that shared prefix together: its K/V is gathered once
   and all their queries meet it in one call (cascade attention). Each row's remaining blocks
@@ -36,6 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from chatpager.kernels import cpu_attention
 
 DECODE_GROUP_SLOTS = 2048  # context slots per decode group: its K+V (3 MiB for SmolLM2) stays in L2/L3
 MIN_SHARED_BLOCKS = 4  # a shorter common prefix is not worth a separate pass
@@ -71,13 +76,22 @@ class TorchAttentionPlan:
     rows: list[_Rows] = field(default_factory=list)
     shared: list[_Shared] = field(default_factory=list)
     prefills: list[_Prefill] = field(default_factory=list)
+    # int32 [R, 4] for `cpu_attention`: (token, sequence, length, first visible key) per decode row
+    decode: torch.Tensor | None = None
+    window: int | None = None  # the sliding window the plan was made for
 
 
 def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                         block_size: int, sliding_window: int | None = None) -> TorchAttentionPlan:
-    """Everything about a step's attention that does not depend on the layer."""
+                         block_size: int, sliding_window: int | None = None,
+                         decode_kernel: bool | None = None) -> TorchAttentionPlan:
+    """Everything about a step's attention that does not depend on the layer. `decode_kernel`:
+    decode rows go to `cpu_attention` (None: wherever it runs, i.e. on a CPU where it builds)."""
     dev = block_tables.device
+    if decode_kernel is None:
+        decode_kernel = dev.type == "cpu" and cpu_attention.available()
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    if decode_kernel:
+        return _plan_with_kernel(block_tables, starts, lens, block_size, sliding_window)
     tables = block_tables.tolist()
     plan = TorchAttentionPlan()
     decode: list[tuple[int, list[int], int, int]] = []  # (token row, blocks, keys, first visible key)
@@ -96,6 +110,21 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
         if len(members) > 1:
             _split_shared_prefix(plan, decode, members, block_size, dev)
     _group_rows(plan, decode, block_size, dev)
+    return plan
+
+
+def _plan_with_kernel(block_tables: torch.Tensor, starts: list[int], lens: list[int], block_size: int,
+                      window: int | None) -> TorchAttentionPlan:
+    plan, rows = TorchAttentionPlan(window=window), []
+    for i, n in enumerate(lens):
+        if starts[i + 1] - starts[i] > 1:
+            table = block_tables[i, :-(-n // block_size)].tolist()
+            plan.prefills.append(_plan_prefill(table, n, starts[i], starts[i + 1], block_size, block_tables.device,
+                                               window))
+        else:
+            rows.append((starts[i], i, n, max(0, n - window) if window else 0))
+    if rows:
+        plan.decode = torch.tensor(rows, dtype=torch.int32)
     return plan
 
 
@@ -178,6 +207,18 @@ def paged_attention_torch(
         plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window)
     if out is None:
         out = q.new_empty(num_tokens, num_heads, head_dim)
+    if plan.decode is not None:
+        if not (cpu_attention.supports(q, k_cache) and out.dtype is torch.float32 and out.is_contiguous()):
+            # a query the kernel does not take: in float32, or all by the reference
+            if cpu_attention.supports(q.float(), k_cache):
+                out.copy_(paged_attention_torch(q.float(), k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                                scale, plan=plan))
+                return out
+            plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], plan.window,
+                                        decode_kernel=False)
+        else:
+            cpu_attention.decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
+                                           block_tables.to(torch.int32).contiguous(), plan.decode, scale, out)
     lse = q.new_empty(num_tokens, num_heads, dtype=torch.float32) if plan.shared else None
     for rows in plan.rows:
         _attend_rows(q, k_cache, v_cache, rows, scale, out, lse)

@@ -1,0 +1,170 @@
+"""The C decode-attention kernel (`kernels.cpu_attention`) equals the torch reference (the same
+plan without it) through random block tables: GQA groups, head dims with and without a compiled
+specialisation, partial and single-key blocks, shared blocks, sliding windows over null entries,
+mixed steps with prefill chunks, and enough rows to take the threaded path."""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+
+import pytest
+import torch
+
+from chatpager.kernels import cpu_attention, cpu_build
+from chatpager.kernels.paged_attention_torch import paged_attention_torch, plan_paged_attention
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU lacks AVX512 or g++ is missing")
+
+
+def test_the_kernel_is_built_wherever_the_cpu_and_a_compiler_allow():
+    # the tests below skip without the kernel: this one fails instead if a build breaks
+    if cpu_build.cpu_supports(cpu_build.AVX512_CPU_FLAGS) and shutil.which("g++"):
+        assert cpu_attention.available()
+
+
+def step(seed: int, seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, block: int = 16,
+         shared_blocks: int = 0, num_blocks: int = 300, dtype: torch.dtype = torch.float32):
+    """A random step: seqs are (query length, context length); the first `shared_blocks` blocks of
+    every table are the same ones (a common prefix); the others are drawn at random, so never
+    consecutive runs. Returns the attention arguments."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    prefix = [free.pop() for _ in range(shared_blocks)]
+    tables = []
+    for _, ctx in seqs:
+        need = -(-ctx // block)
+        own = prefix[:need]
+        tables.append(own + [free.pop() for _ in range(need - len(own))])
+    width = max(len(t) for t in tables)
+    starts = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    starts[1:] = torch.tensor([q for q, _ in seqs]).cumsum(0)
+    cache = (num_blocks, block, kv_heads, head_dim)
+    return (torch.randn(int(starts[-1]), heads, head_dim, generator=gen),
+            torch.randn(cache, generator=gen).to(dtype), torch.randn(cache, generator=gen).to(dtype),
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            torch.tensor([c for _, c in seqs], dtype=torch.int32), starts, head_dim ** -0.5)
+
+
+def both_ways(args, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the kernel's output, the reference's) for one step."""
+    block = args[1].shape[1]
+    with_kernel = plan_paged_attention(args[3], args[4], args[5], block, window, decode_kernel=True)
+    reference = plan_paged_attention(args[3], args[4], args[5], block, window, decode_kernel=False)
+    assert with_kernel.decode is not None and not with_kernel.rows and not with_kernel.shared
+    return paged_attention_torch(*args, plan=with_kernel), paged_attention_torch(*args, plan=reference)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1), (12, 2), (20, 2)])  # groups 3, 1, 8, 6, 10
+@pytest.mark.parametrize("head_dim", [64, 128, 40])  # 40: the generic path, a masked tail
+def test_decode_rows_equal_the_reference(heads, kv_heads, head_dim):
+    lengths = [1, 15, 16, 17, 100, 333]  # one key, partial blocks, whole blocks
+    got, want = both_ways(step(heads + head_dim, [(1, n) for n in lengths], heads, kv_heads, head_dim))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_cache_is_read_as_float32(dtype):
+    got, want = both_ways(step(7, [(1, 50), (1, 200)], 9, 3, 64, dtype=dtype))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_block_sizes_other_than_the_tile():
+    for block in (1, 4, 32, 64):
+        got, want = both_ways(step(block, [(1, 1), (1, 37), (1, 130)], 6, 2, 64, block=block))
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_rows_sharing_their_first_blocks_read_them_in_place():
+    got, want = both_ways(step(3, [(1, 300), (1, 250), (1, 180), (1, 64)], 9, 3, 64, shared_blocks=10))
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [1, 16, 50, 100])
+def test_a_sliding_window_never_reads_the_null_entries_before_it(window):
+    args = list(step(5, [(1, 300), (1, 64), (1, 31), (1, 120)], 8, 2, 64))
+    tables = args[3].clone()
+    for i, n in enumerate(args[4].tolist()):  # entries wholly before the window were freed
+        tables[i, :max(0, n - window) // 16] = -1
+    args[3] = tables
+    got, want = both_ways(args, window)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_a_mixed_step_keeps_prefill_chunks_on_sdpa():
+    args = step(11, [(1, 90), (12, 60), (1, 1), (30, 30), (1, 47), (5, 5)], 9, 3, 64, shared_blocks=3)
+    plan = plan_paged_attention(args[3], args[4], args[5], 16)
+    assert plan.decode[:, 0].tolist() == [0, 13, 44] and len(plan.prefills) == 3
+    got, want = both_ways(args)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_many_rows_on_every_thread_equal_the_reference():
+    rng = random.Random(0)
+    args = step(13, [(1, rng.randint(200, 500)) for _ in range(48)], 9, 3, 64, num_blocks=2000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got, want = both_ways(args)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_the_log_sum_exp_of_each_head_is_returned_when_asked():
+    q, k, v, tables, lens, starts, scale = step(17, [(1, 40), (1, 7)], 4, 2, 64)
+    rows = torch.tensor([[0, 0, 40, 0], [1, 1, 7, 2]], dtype=torch.int32)  # the second from its third key
+    out, lse = torch.empty_like(q), torch.empty(2, 4)
+    cpu_attention.decode_attention(q, k, v, tables, rows, scale, out, lse)
+    for r, (n, first) in enumerate([(40, 0), (7, 2)]):
+        keys = k[tables[r].long()].reshape(-1, 2, 64)[first:n].repeat_interleave(2, 1)  # [n, heads, d]
+        values = v[tables[r].long()].reshape(-1, 2, 64)[first:n].repeat_interleave(2, 1)
+        scores = torch.einsum("hd,khd->hk", q[r], keys) * scale
+        torch.testing.assert_close(lse[r], scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[r], torch.einsum("hk,khd->hd", scores.softmax(-1), values),
+                                   atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_the_torch_profiler_names_the_kernel_call():
+    from torch.profiler import profile
+
+    args = step(19, [(1, 20)], 4, 2, 64)
+    with profile() as prof:
+        paged_attention_torch(*args)
+    assert "cpu_attention::decode" in {e.key for e in prof.key_averages()}
+
+
+def test_a_failed_build_falls_back_to_the_reference_with_one_logged_line(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CHATPAGER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu_attention._library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="chatpager.kernels.cpu_attention"):
+            assert not cpu_attention.available()
+            args = step(23, [(1, 40), (3, 20)], 4, 2, 64)
+            plan = plan_paged_attention(args[3], args[4], args[5], 16)
+            assert plan.decode is None and plan.rows
+            paged_attention_torch(*args, plan=plan)
+        assert len([r for r in caplog.records if "torch's attention" in r.getMessage()]) == 1
+    finally:
+        cpu_attention._library.cache_clear()
+
+
+def test_chatpager_cpu_attention_0_disables_the_kernel(monkeypatch):
+    monkeypatch.setenv("CHATPAGER_CPU_ATTENTION", "0")
+    cpu_attention._library.cache_clear()
+    try:
+        assert not cpu_attention.available()
+    finally:
+        cpu_attention._library.cache_clear()
