@@ -108,9 +108,9 @@ def test_a_mixed_step_keeps_prefill_chunks_on_sdpa():
 
 
 @needs_kernel
-def test_many_rows_on_every_thread_equal_the_reference():
-    rng = random.Random(0)
-    args = step(13, [(1, rng.randint(200, 500)) for _ in range(48)], 9, 3, 64, num_blocks=2000)
+@pytest.mark.parametrize("lengths", [[200 + 7 * i for i in range(48)], [4000, 3500]])  # items: rows; kv heads
+def test_many_rows_on_every_thread_equal_the_reference(lengths):
+    args = step(13, [(1, n) for n in lengths], 9, 3, 64, num_blocks=2000)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -22,6 +22,7 @@ namespace {
 
 constexpr int TILE = 16;  // keys scored together: one zmm of scores
 constexpr int MAX_GROUP = 8;
+constexpr int MAX_HEADS = 8;  // kv heads in one work item
 constexpr int MAX_HEAD_DIM = 256;
 enum CacheType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
@@ -55,16 +56,31 @@ inline __m512 sum_lanes16(const __m512* a) {
 }
 
 struct Item {
-  const float* q;      // [G, head_dim]: the group's queries
-  const void* k;       // the cache at this kv head: key (block b, slot s) at (b * bs + s) * stride
+  const float* q;      // the first kv head's queries: G x head_dim
+  const void* k;       // the cache at the first kv head: key (block b, slot s) at (b * bs + s) * stride
   const void* v;
   int64_t stride;      // elements from one key to the next: num_kv_heads * head_dim
+  int64_t q_step;      // floats from one kv head's queries (and outputs) to the next
+  int heads;           // consecutive kv heads, done together: each tile's keys are read in one sweep
   const int32_t* table;
   int block_size, first, len;
   float scale;
-  float* out;          // [G, head_dim]
-  float* lse;          // [G] or null: log-sum-exp of the scaled scores
+  float* out;          // like q
+  float* lse;          // [heads x q_step / head_dim] or null: log-sum-exp of the scaled scores
 };
+
+// Ask for the keys and values of the tile at `pos` while this one is computed.
+template <CacheType C>
+inline void prefetch_tile(const Item& it, int pos, int d) {
+  const int slot = pos % it.block_size, n = std::min({TILE, it.block_size - slot, it.len - pos});
+  const int64_t key0 = ((int64_t)it.table[pos / it.block_size] * it.block_size + slot) * it.stride;
+  const int64_t elem = C == F32 ? 4 : 2, bytes = it.heads * d * elem;
+  for (int j = 0; j < n; ++j)
+    for (int64_t b = 0; b < bytes; b += 64) {
+      _mm_prefetch((const char*)it.k + (key0 + j * it.stride) * elem + b, _MM_HINT_T0);
+      _mm_prefetch((const char*)it.v + (key0 + j * it.stride) * elem + b, _MM_HINT_T0);
+    }
+}
 
 // D: the head dim when known at compile time (0: `d` at run time, masked tails)
 template <int D, int G, CacheType C>
@@ -74,57 +90,64 @@ void attend(const Item& it, int d) {
   const int chunks = (d + 15) / 16;
   const __mmask16 tail = (__mmask16)(d % 16 ? (1u << (d % 16)) - 1 : 0xFFFF);
   auto mask = [&](int c) { return c == chunks - 1 ? tail : (__mmask16)0xFFFF; };
-  alignas(64) float acc[G][MAX_CHUNKS * 16];
+  alignas(64) float acc[MAX_HEADS][G][MAX_CHUNKS * 16];  // per kv head: the online softmax's state
   alignas(64) float p[G][TILE];
-  float m[G], l[G];
-  for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY, l[g] = 0.f;
-    for (int c = 0; c < chunks; ++c) _mm512_store_ps(acc[g] + 16 * c, _mm512_setzero_ps());
-  }
+  float m[MAX_HEADS][G], l[MAX_HEADS][G];
+  for (int h = 0; h < it.heads; ++h)
+    for (int g = 0; g < G; ++g) {
+      m[h][g] = -INFINITY, l[h][g] = 0.f;
+      for (int c = 0; c < chunks; ++c) _mm512_store_ps(acc[h][g] + 16 * c, _mm512_setzero_ps());
+    }
   for (int pos = it.first; pos < it.len;) {
     const int slot = pos % it.block_size;
     const int n = std::min({TILE, it.block_size - slot, it.len - pos});
     const int64_t key0 = ((int64_t)it.table[pos / it.block_size] * it.block_size + slot) * it.stride;
     const __mmask16 valid = (__mmask16)((1u << n) - 1);
-    for (int g = 0; g < G; ++g) {
-      __m512 part[TILE];
-      const float* qg = it.q + g * d;
-      for (int j = 0; j < TILE; ++j) {
-        part[j] = _mm512_setzero_ps();
-        if (j < n)
+    if (pos + n < it.len) prefetch_tile<C>(it, pos + n, d);  // the next block may be anywhere in the cache
+    for (int h = 0; h < it.heads; ++h) {
+      const int64_t kh = key0 + h * d;
+      for (int g = 0; g < G; ++g) {
+        __m512 part[TILE];
+        const float* qg = it.q + h * it.q_step + g * d;
+        for (int j = 0; j < TILE; ++j) {  // keys past n repeat the last one (no branch); their scores are masked
+          const int64_t key = kh + std::min(j, n - 1) * it.stride;
+          part[j] = _mm512_setzero_ps();
           for (int c = 0; c < chunks; ++c)
-            part[j] = _mm512_fmadd_ps(load(qg + 16 * c, mask(c)), load_cache<C>(it.k, key0 + j * it.stride + 16 * c,
-                                                                                 mask(c)), part[j]);
+            part[j] = _mm512_fmadd_ps(load(qg + 16 * c, mask(c)), load_cache<C>(it.k, key + 16 * c, mask(c)), part[j]);
+        }
+        const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                            _mm512_mul_ps(sum_lanes16(part), _mm512_set1_ps(it.scale)));
+        const float top = std::max(m[h][g], _mm512_reduce_max_ps(s));
+        const __m512 e = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(top))));
+        const float alpha = expf(m[h][g] - top);  // 0 on the first tile (m = -inf)
+        l[h][g] = l[h][g] * alpha + _mm512_reduce_add_ps(e);
+        m[h][g] = top;
+        if (alpha != 1.f)
+          for (int c = 0; c < chunks; ++c)
+            _mm512_store_ps(acc[h][g] + 16 * c,
+                            _mm512_mul_ps(_mm512_load_ps(acc[h][g] + 16 * c), _mm512_set1_ps(alpha)));
+        _mm512_store_ps(p[g], e);
       }
-      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
-                                          _mm512_mul_ps(sum_lanes16(part), _mm512_set1_ps(it.scale)));
-      const float top = std::max(m[g], _mm512_reduce_max_ps(s));
-      const __m512 e = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(top))));
-      const float alpha = expf(m[g] - top);  // 0 on the first tile (m = -inf)
-      l[g] = l[g] * alpha + _mm512_reduce_add_ps(e);
-      m[g] = top;
-      if (alpha != 1.f)
-        for (int c = 0; c < chunks; ++c)
-          _mm512_store_ps(acc[g] + 16 * c, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * c), _mm512_set1_ps(alpha)));
-      _mm512_store_ps(p[g], e);
-    }
-    for (int c = 0; c < chunks; ++c) {  // a chunk of every head's output stays in registers over the tile
-      __m512 o[G];
-      for (int g = 0; g < G; ++g) o[g] = _mm512_load_ps(acc[g] + 16 * c);
-      for (int j = 0; j < n; ++j) {
-        const __m512 vj = load_cache<C>(it.v, key0 + j * it.stride + 16 * c, mask(c));
-        for (int g = 0; g < G; ++g) o[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g][j]), vj, o[g]);
+      for (int c = 0; c < chunks; ++c) {  // a chunk of every head's output stays in registers over the tile
+        __m512 o[G];
+        for (int g = 0; g < G; ++g) o[g] = _mm512_load_ps(acc[h][g] + 16 * c);
+        for (int j = 0; j < n; ++j) {
+          const __m512 vj = load_cache<C>(it.v, kh + j * it.stride + 16 * c, mask(c));
+          for (int g = 0; g < G; ++g) o[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g][j]), vj, o[g]);
+        }
+        for (int g = 0; g < G; ++g) _mm512_store_ps(acc[h][g] + 16 * c, o[g]);
       }
-      for (int g = 0; g < G; ++g) _mm512_store_ps(acc[g] + 16 * c, o[g]);
     }
     pos += n;
   }
-  for (int g = 0; g < G; ++g) {
-    const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
-    for (int c = 0; c < chunks; ++c)
-      _mm512_mask_storeu_ps(it.out + g * d + 16 * c, mask(c), _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * c), inv));
-    if (it.lse) it.lse[g] = m[g] + logf(l[g]);
-  }
+  for (int h = 0; h < it.heads; ++h)
+    for (int g = 0; g < G; ++g) {
+      const __m512 inv = _mm512_set1_ps(l[h][g] > 0.f ? 1.f / l[h][g] : 0.f);
+      float* o = it.out + h * it.q_step + g * d;
+      for (int c = 0; c < chunks; ++c)
+        _mm512_mask_storeu_ps(o + 16 * c, mask(c), _mm512_mul_ps(_mm512_load_ps(acc[h][g] + 16 * c), inv));
+      if (it.lse) it.lse[h * it.q_step / d + g] = m[h][g] + logf(l[h][g]);
+    }
 }
 
 using AttendFn = void (*)(const Item&, int);
@@ -166,16 +189,21 @@ int cpu_attention_decode(const float* q, float* out, float* lse, int64_t num_hea
   macs *= 2 * num_heads * head_dim;
   const int threads = omp_get_max_threads();
   static const int64_t min_parallel = min_parallel_macs();
-  const int64_t items = num_rows * num_kv_heads * passes;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && macs >= min_parallel && items > 1)
+  const bool parallel = threads > 1 && macs >= min_parallel;
+  // a row's kv heads in one item (one sweep through each tile's keys), unless the threads need
+  // more items than the rows give, or a group takes several passes
+  const int64_t heads = passes > 1 || (parallel && num_rows < 2 * threads) ? 1 : std::min<int64_t>(num_kv_heads, MAX_HEADS);
+  const int64_t per_row = (num_kv_heads + heads - 1) / heads * passes, items = num_rows * per_row;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (parallel && items > 1)
   for (int64_t i = 0; i < items; ++i) {
-    const int64_t r = i / (num_kv_heads * passes), h = i / passes % num_kv_heads, pass = i % passes;
+    const int64_t r = i / per_row, h = i % per_row / passes * heads, pass = i % passes;
     const int32_t* row = rows + 4 * r;
-    const int64_t h0 = h * group + pass * per_pass;  // first query head of this pass
+    const int64_t h0 = h * group + pass * per_pass;  // first query head of this item
     const int g = (int)std::min<int64_t>(per_pass, (h + 1) * group - h0);
     const int64_t head_offset = h * head_dim * elem;
     Item it{q + (row[0] * num_heads + h0) * head_dim, (const char*)k_cache + head_offset,
-            (const char*)v_cache + head_offset, num_kv_heads * head_dim, block_tables + row[1] * table_stride,
+            (const char*)v_cache + head_offset, num_kv_heads * head_dim, group * head_dim,
+            (int)std::min<int64_t>(heads, num_kv_heads - h), block_tables + row[1] * table_stride,
             (int)block_size, row[3], row[2], scale, out + (row[0] * num_heads + h0) * head_dim,
             lse ? lse + row[0] * num_heads + h0 : nullptr};
     const AttendFn fn = cache_type == F32 ? pick<F32>((int)head_dim, g)
