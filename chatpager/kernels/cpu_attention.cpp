@@ -164,8 +164,10 @@ AttendFn pick(int d, int g) {
   return d == 64 ? pick_group<64, C>(g) : d == 128 ? pick_group<128, C>(g) : pick_group<0, C>(g);
 }
 
-// Work (multiply-adds) below which one thread is faster than two: see omp_threads_spin
-int64_t min_parallel_macs() { return omp_threads_spin() ? int64_t(1) << 18 : int64_t(1) << 23; }
+// Work (multiply-adds) below which one thread is faster than two: see omp_threads_spin. Asleep,
+// from ~100 us of work (~23 multiply-adds a ns): 16 rows x 300 keys of the default model, 5.5 M,
+// took 38 ms a step kept on one thread (2^23) and 33 ms split (2^21), PASSIVE, 2 threads.
+int64_t min_parallel_macs() { return omp_threads_spin() ? int64_t(1) << 18 : int64_t(1) << 21; }
 
 }  // namespace
 
