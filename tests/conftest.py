@@ -24,6 +24,21 @@ def tiny_model_factory(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def broken_compiler(monkeypatch, tmp_path):
+    """The C++ kernels as on a machine whose compiler fails: an empty kernel cache and a CXX that
+    does not exist; each kernel's loaded library is forgotten before and after."""
+    from chatpager.kernels import cpu_attention, cpu_int4
+
+    monkeypatch.setenv("CHATPAGER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    for kernel in (cpu_attention, cpu_int4):
+        kernel._library.cache_clear()
+    yield
+    for kernel in (cpu_attention, cpu_int4):
+        kernel._library.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_model_factory) -> str:
     return tiny_model_factory("llama")

@@ -145,20 +145,14 @@ def test_the_torch_profiler_names_the_kernel_call():
     assert "cpu_attention::decode" in {e.key for e in prof.key_averages()}
 
 
-def test_a_failed_build_falls_back_to_the_reference_with_one_logged_line(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("CHATPAGER_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    cpu_attention._library.cache_clear()
-    try:
-        with caplog.at_level(logging.INFO, logger="chatpager.kernels.cpu_attention"):
-            assert not cpu_attention.available()
-            args = step(23, [(1, 40), (3, 20)], 4, 2, 64)
-            plan = plan_paged_attention(args[3], args[4], args[5], 16)
-            assert plan.decode is None and plan.rows
-            paged_attention_torch(*args, plan=plan)
-        assert len([r for r in caplog.records if "torch's attention" in r.getMessage()]) == 1
-    finally:
-        cpu_attention._library.cache_clear()
+def test_a_failed_build_falls_back_to_the_reference_with_one_logged_line(broken_compiler, caplog):
+    with caplog.at_level(logging.INFO, logger="chatpager.kernels.cpu_attention"):
+        assert not cpu_attention.available()
+        args = step(23, [(1, 40), (3, 20)], 4, 2, 64)
+        plan = plan_paged_attention(args[3], args[4], args[5], 16)
+        assert plan.decode is None and plan.rows
+        paged_attention_torch(*args, plan=plan)
+    assert len([r for r in caplog.records if "torch's attention" in r.getMessage()]) == 1
 
 
 def test_chatpager_cpu_attention_0_disables_the_kernel(monkeypatch):

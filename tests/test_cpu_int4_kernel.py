@@ -119,22 +119,16 @@ def test_scales_float16_cannot_hold_fall_back_to_torchs_op():
     assert isinstance(int4_linear(w), Int4Linear)
 
 
-def test_a_failed_build_falls_back_with_one_logged_line(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("CHATPAGER_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    cpu_int4._library.cache_clear()
-    try:
-        with caplog.at_level(logging.INFO, logger="chatpager.kernels.cpu_int4"):
-            assert not cpu_int4.available()
-            w, x = q4_1(48, 96), torch.randn(5, 96)
-            lin = int4_linear(w)
-            assert isinstance(lin, Int4Linear)  # torch's op, same weights
-            assert (lin(x) - x @ w.dequantize().T).abs().max() <= 0.05 * (x @ w.dequantize().T).abs().max()
-            with pytest.raises(RuntimeError, match="does not run here"):
-                int4_linear(w, kernel="vnni")
-        assert len([r for r in caplog.records if "torch's int4 op" in r.getMessage()]) == 1
-    finally:
-        cpu_int4._library.cache_clear()
+def test_a_failed_build_falls_back_with_one_logged_line(broken_compiler, caplog):
+    with caplog.at_level(logging.INFO, logger="chatpager.kernels.cpu_int4"):
+        assert not cpu_int4.available()
+        w, x = q4_1(48, 96), torch.randn(5, 96)
+        lin = int4_linear(w)
+        assert isinstance(lin, Int4Linear)  # torch's op, same weights
+        assert (lin(x) - x @ w.dequantize().T).abs().max() <= 0.05 * (x @ w.dequantize().T).abs().max()
+        with pytest.raises(RuntimeError, match="does not run here"):
+            int4_linear(w, kernel="vnni")
+    assert len([r for r in caplog.records if "torch's int4 op" in r.getMessage()]) == 1
 
 
 @needs_kernel
