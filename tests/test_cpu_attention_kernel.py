@@ -13,6 +13,7 @@ import torch
 
 from chatpager.kernels import cpu_attention, cpu_build
 from chatpager.kernels.paged_attention_torch import paged_attention_torch, plan_paged_attention
+from chatpager.kernels.write_kv_torch import write_kv_torch
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU lacks AVX512 or g++ is missing")
 
@@ -162,3 +163,22 @@ def test_chatpager_cpu_attention_0_disables_the_kernel(monkeypatch):
         assert not cpu_attention.available()
     finally:
         cpu_attention._library.cache_clear()
+
+
+@needs_kernel
+def test_new_kv_go_to_their_slots_and_skipped_slots_are_untouched():
+    k_cache, v_cache = torch.zeros(6, 16, 3, 64), torch.zeros(6, 16, 3, 64)
+    k, v = torch.randn(5, 3, 64), torch.randn(5, 3, 64)
+    slots = torch.tensor([17, -1, 0, 95, 40])
+    write_kv_torch(k, v, k_cache, v_cache, slots)  # the C write: K/V already in the cache's dtype
+    want_k, want_v = torch.zeros(96, 3, 64), torch.zeros(96, 3, 64)
+    keep = slots >= 0
+    want_k.index_copy_(0, slots[keep], k[keep])
+    want_v.index_copy_(0, slots[keep], v[keep])
+    assert torch.equal(k_cache.view(96, 3, 64), want_k) and torch.equal(v_cache.view(96, 3, 64), want_v)
+    with pytest.raises(IndexError, match="out of range"):
+        cpu_attention.write_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 96]))
+    bf16 = torch.zeros(6, 16, 3, 64, dtype=torch.bfloat16)
+    assert not cpu_attention.can_write_kv(k, bf16, slots)  # a conversion: torch's index_copy_ does it
+    write_kv_torch(k, v, bf16, bf16.clone(), slots)
+    assert torch.equal(bf16.view(96, 3, 64)[17], k[0].bfloat16())

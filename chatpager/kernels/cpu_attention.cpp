@@ -13,6 +13,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <algorithm>
 
@@ -211,6 +212,21 @@ int cpu_attention_decode(const float* q, float* out, float* lse, int64_t num_hea
     const AttendFn fn = cache_type == F32 ? pick<F32>((int)head_dim, g)
                         : cache_type == BF16 ? pick<BF16>((int)head_dim, g) : pick<F16>((int)head_dim, g);
     fn(it, (int)head_dim);
+  }
+  return 0;
+}
+
+// The step's new K and V into their slots (slot = block * block_size + offset; -1: skip the
+// token): k, v [num_tokens, row_bytes] already in the cache's type, caches of num_slots rows.
+// One call a layer instead of two index_copy_ and a check for skipped slots. 1: a slot out of range.
+int cpu_attention_write_kv(const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slots,
+                           int64_t num_tokens, int64_t row_bytes, int64_t num_slots) {
+  for (int64_t t = 0; t < num_tokens; ++t)
+    if (slots[t] >= num_slots) return 1;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (slots[t] < 0) continue;
+    memcpy((char*)k_cache + slots[t] * row_bytes, (const char*)k + t * row_bytes, row_bytes);
+    memcpy((char*)v_cache + slots[t] * row_bytes, (const char*)v + t * row_bytes, row_bytes);
   }
   return 0;
 }

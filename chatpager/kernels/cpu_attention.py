@@ -10,7 +10,9 @@ before the block of the first visible key are never read (a sliding window's fre
 One call does a whole step's decode rows: work items are (row, kv head), each reading its keys
 and values once for its GQA group of query heads, spread over torch's OpenMP threads only when
 the call is long enough to pay for waking them. Built and loaded by `cpu_build`;
-CHATPAGER_CPU_ATTENTION=0 disables it (the torch reference runs instead).
+CHATPAGER_CPU_ATTENTION=0 disables it (the torch reference runs instead). `write_kv` stores a
+step's new K/V into their slots (`write_kv_torch`'s contract) in one call, for K/V already in the
+cache's dtype.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def _library() -> ctypes.CDLL | None:
     lib.cpu_attention_decode.argtypes = [p, p, p, i64, i64, p, p, ctypes.c_int, i64, i64, p, i64, p, i64,
                                          ctypes.c_float]
     lib.cpu_attention_decode.restype = ctypes.c_int
+    lib.cpu_attention_write_kv.argtypes = [p, p, p, p, p, i64, i64, i64]
+    lib.cpu_attention_write_kv.restype = ctypes.c_int
     return lib
 
 
@@ -71,3 +75,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                    None if lse is None else lse.data_ptr(), q.shape[1], head_dim, k_cache.data_ptr(),
                    v_cache.data_ptr(), _CACHE_TYPES[k_cache.dtype], block_size, kv_heads, block_tables.data_ptr(),
                    block_tables.shape[1], rows.data_ptr(), rows.shape[0], scale)
+
+
+def can_write_kv(k: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Whether `write_kv` takes these (besides `available()`): K/V already in the cache's dtype."""
+    return (k.device.type == "cpu" and k.dtype is k_cache.dtype and slot_mapping.dtype is torch.int64
+            and k_cache.is_contiguous())
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v [num_tokens, kv_heads, head_dim] into the caches' rows `slot_mapping` (int64; -1: skip)."""
+    if not (can_write_kv(k, k_cache, slot_mapping) and v.dtype is k.dtype and v_cache.dtype is k_cache.dtype
+            and v_cache.is_contiguous() and k.shape == v.shape and k.shape[1:] == k_cache.shape[2:]
+            and k_cache.shape == v_cache.shape and slot_mapping.shape == k.shape[:1]):
+        raise ValueError("write_kv takes K/V of the caches' dtype and row shape and an int64 slot per token")
+    k, v, slots = k.contiguous(), v.contiguous(), slot_mapping.contiguous()
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if cpu_build.call("cpu_attention::write_kv", _library().cpu_attention_write_kv, k.data_ptr(), v.data_ptr(),
+                      k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), k.shape[0],
+                      k[0].numel() * k.element_size() if k.shape[0] else 0, num_slots):
+        raise IndexError(f"a slot is out of range (the caches hold {num_slots})")
