@@ -213,8 +213,11 @@ async def test_two_sessions_generate_at_the_same_time(model, tmp_path):
 
 
 async def test_a_full_pool_preempts_and_the_session_shows_it(model, tmp_path):
-    app = make_app(model, tmp_path, app_class=GatedApp, num_blocks=12, params=ENDLESS)
-    async with running(app) as pilot:  # 12 blocks of 16: 192 tokens in all
+    # 48 blocks of 16: 768 tokens in all. The preempted session waits while the other grows to the
+    # pool's size: with 12 blocks that took ~0.1 s at the tiny model's ~1,500 tok/s (C attention),
+    # shorter than the sidebar's refresh often enough to fail 1 run in 2
+    app = make_app(model, tmp_path, app_class=GatedApp, num_blocks=48, params=ENDLESS)
+    async with running(app) as pilot:
         await say(pilot, "/system terse")
         await say(pilot, "one")
         await say(pilot, "/new terse")
