@@ -27,7 +27,9 @@ import os
 import time
 from collections import defaultdict
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatpager bench` does; before torch loads
+from chatpager.omp_policy import choose_wait_policy  # noqa: E402
+
+choose_wait_policy()  # the OpenMP wait policy chat and serve get; before torch loads
 import torch  # noqa: E402
 
 from chatpager import LLM, SamplingParams  # noqa: E402

@@ -12,10 +12,11 @@ to be preempted, and the wall time of the whole run.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatpager bench` does; before torch loads
+from chatpager.omp_policy import choose_wait_policy  # noqa: E402
+
+choose_wait_policy()  # the OpenMP wait policy chat and serve get; before torch loads
 
 import torch  # noqa: E402
 

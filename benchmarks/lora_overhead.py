@@ -10,14 +10,15 @@ off every other step), so a busy machine slows both alike; the medians and their
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatpager bench` does; before torch loads
+from chatpager.omp_policy import choose_wait_policy  # noqa: E402
+
+choose_wait_policy()  # the OpenMP wait policy chat and serve get; before torch loads
 import torch  # noqa: E402
 
 from chatpager import LLM, SamplingParams  # noqa: E402

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `chatpager bench` does; before torch loads
+from chatpager.omp_policy import choose_wait_policy  # noqa: E402
+
+choose_wait_policy()  # the OpenMP wait policy chat and serve get; before torch loads
 
 from chatpager import LLM, SamplingParams  # noqa: E402
 from chatpager.engine_args import EngineArgs, add_engine_args  # noqa: E402
