@@ -100,11 +100,27 @@ def test_a_sliding_window_never_reads_the_null_entries_before_it(window):
 
 
 @needs_kernel
-def test_a_mixed_step_keeps_prefill_chunks_on_sdpa():
-    args = step(11, [(1, 90), (12, 60), (1, 1), (30, 30), (1, 47), (5, 5)], 9, 3, 64, shared_blocks=3)
+def test_a_mixed_step_keeps_long_chunks_on_sdpa_and_short_ones_in_the_kernel():
+    args = step(11, [(1, 90), (12, 60), (1, 1), (30, 30), (1, 47), (5, 5), (5, 133)], 9, 3, 64, shared_blocks=3)
     plan = plan_paged_attention(args[3], args[4], args[5], 16)
-    assert plan.decode[:, 0].tolist() == [0, 13, 44] and len(plan.prefills) == 3
+    # a chunk of <= KERNEL_CHUNK_ROWS queries (a speculative verify step) is one kernel row per
+    # query, each seeing the keys up to its own position
+    assert plan.decode[:, 0].tolist() == [0, 13, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54]
+    assert plan.decode[-5:, 2].tolist() == [129, 130, 131, 132, 133] and len(plan.prefills) == 2
     got, want = both_ways(args)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [3, 16, 40])
+def test_short_chunks_under_a_sliding_window_equal_the_reference(window):
+    args = list(step(13, [(5, 120), (3, 64), (1, 80), (8, 8)], 8, 2, 64))
+    tables = args[3].clone()
+    for i, n in enumerate(args[4].tolist()):  # entries wholly before the first query's window were freed
+        q_len = int(args[5][i + 1] - args[5][i])
+        tables[i, :max(0, n - q_len + 1 - window) // 16] = -1
+    args[3] = tables
+    got, want = both_ways(args, window)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 

@@ -44,6 +44,10 @@ from chatpager.kernels import cpu_attention
 
 DECODE_GROUP_SLOTS = 2048  # context slots per decode group: its K+V (3 MiB for SmolLM2) stays in L2/L3
 MIN_SHARED_BLOCKS = 4  # a shorter common prefix is not worth a separate pass
+# With the C kernel, a chunk of at most this many queries (a speculative verify step, a short
+# chunked-prefill tail) goes to it as one row per query, each seeing the keys up to its own
+# position, instead of an SDPA call with a mask of its own
+KERNEL_CHUNK_ROWS = 8
 
 
 @dataclass(slots=True)
@@ -117,12 +121,15 @@ def _plan_with_kernel(block_tables: torch.Tensor, starts: list[int], lens: list[
                       window: int | None) -> TorchAttentionPlan:
     plan, rows = TorchAttentionPlan(window=window), []
     for i, n in enumerate(lens):
-        if starts[i + 1] - starts[i] > 1:
+        q_len = starts[i + 1] - starts[i]
+        if q_len > KERNEL_CHUNK_ROWS:
             table = block_tables[i, :-(-n // block_size)].tolist()
             plan.prefills.append(_plan_prefill(table, n, starts[i], starts[i + 1], block_size, block_tables.device,
                                                window))
-        else:
-            rows.append((starts[i], i, n, max(0, n - window) if window else 0))
+            continue
+        for j in range(q_len):  # query j sits at position n - q_len + j: it sees keys up to there
+            keys = n - q_len + j + 1
+            rows.append((starts[i] + j, i, keys, max(0, keys - window) if window else 0))
     if rows:
         plan.decode = torch.tensor(rows, dtype=torch.int32)
     return plan
