@@ -215,14 +215,15 @@ def paged_attention_torch(
     if out is None:
         out = q.new_empty(num_tokens, num_heads, head_dim)
     if plan.decode is not None:
-        if not (cpu_attention.supports(q, k_cache) and out.dtype is torch.float32 and out.is_contiguous()):
-            # a query the kernel does not take: in float32, or all by the reference
-            if cpu_attention.supports(q.float(), k_cache):
-                out.copy_(paged_attention_torch(q.float(), k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                                scale, plan=plan))
-                return out
+        q32 = q if q.dtype is torch.float32 else q.float()
+        if not cpu_attention.supports(q32, k_cache):  # a cache or shape the kernel does not take
             plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], plan.window,
                                         decode_kernel=False)
+        elif q32 is not q or out.dtype is not torch.float32 or not out.is_contiguous():
+            # the kernel reads and writes float32: the whole step in float32, copied into `out`
+            out.copy_(paged_attention_torch(q32, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                            scale, plan=plan))
+            return out
         else:
             cpu_attention.decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
                                            block_tables.to(torch.int32).contiguous(), plan.decode, scale, out)
