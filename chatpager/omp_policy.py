@@ -7,6 +7,11 @@ chatpager runs (measured on the 2-core dev machine, BENCHMARKS.md: 16 sessions x
 When other processes already keep the cores busy, spinning threads fight them for the CPU at
 every barrier (a first prefill took 1.8-2.7 s spinning against 0.2-0.3 s sleeping at load 3-6),
 so then threads sleep (PASSIVE). A policy the user set always wins.
+
+How many threads: torch's default, one per core, except for an engine beside the TUI
+(`threads_beside_a_front_end`): the app's own thread takes a core while replies stream, and an
+OpenMP team that counts on that core waits for it at every barrier (2-core machine, a greedy
+400-token reply in the TUI: 5.5-5.9 s with two engine threads, 4.7-5.0 s with one; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -27,3 +32,13 @@ def choose_wait_policy(environ: dict | None = None, load: float | None = None,
         env["OMP_WAIT_POLICY"] = "PASSIVE"
         return "PASSIVE"
     return None
+
+
+def threads_beside_a_front_end(environ: dict | None = None, cores: int | None = None) -> int | None:
+    """Threads for an engine whose front end keeps a core busy: one core fewer than the machine
+    has, at least one. None when the user set OMP_NUM_THREADS (torch follows it)."""
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    return max(1, cores - 1)

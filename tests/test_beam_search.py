@@ -201,7 +201,7 @@ def test_tui_beam_turn_offers_the_beams_as_alternatives(tmp_path):
     turns.apply([RequestOutput(rid, (1,), (2,), (2,), "hello", True, "stop")])
     turns.beam(session, 3)
     assert session.messages[-1].role == "user" and session.replaced == "hello"
-    submitted = [engine._commands.get_nowait() for _ in range(2)][-1]
+    submitted = [engine._host.commands.get_nowait() for _ in range(2)][-1]
     assert submitted.params == BeamSearchParams(beam_width=3, max_tokens=8)
     beams = tuple(Sample(f"{session.request_id}#{i}", (i,), text, "stop") for i, text in enumerate(["a", "b", "c"]))
     turns.apply([RequestOutput(session.request_id, (1,), (0,), (), "a", True, "stop", samples=beams)])

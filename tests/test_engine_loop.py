@@ -1,13 +1,21 @@
-"""EngineLoop: the engine on its own thread, driven through commands and read through events."""
+"""EngineLoop: the engine in its own core (a thread, or a process of its own), driven through
+commands and read through events."""
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import signal
+import sys
 import threading
 import time
 
 import pytest
+import torch
 
 from chatpager import SamplingParams
-from chatpager.engine.loop import Accepted, EngineLoop, Loaded, LoadFailed, LoadProgress, Rejected
+from chatpager.engine.loop import Accepted, EngineFailed, EngineLoop, Loaded, LoadFailed, LoadProgress, Rejected
+from chatpager.engine.loop_core import load_llm
 from chatpager.engine.outputs import RequestOutput
 
 CHAT = [{"role": "user", "content": "hello"}]
@@ -35,14 +43,18 @@ class Collector:
         return {e.request_id: e for e in self.events if isinstance(e, RequestOutput) and e.finished}
 
 
-@pytest.fixture
-def started(tiny_llama):
-    from chatpager import LLM
-
+def start_loop(model: str, process: bool) -> tuple[EngineLoop, Collector]:
+    """A loop on `model`, its core on a thread or in a process of its own."""
     collector = Collector()
-    loop = EngineLoop(lambda progress: LLM(model=tiny_llama, num_blocks=32, progress=progress),
-                      wake=collector.wake, snapshot_interval=0.01)
+    loop = EngineLoop(functools.partial(load_llm, {"model": model, "num_blocks": 32}),
+                      wake=collector.wake, snapshot_interval=0.01, process=process)
     loop.start()
+    return loop, collector
+
+
+@pytest.fixture(params=["thread", "process"])
+def started(request, tiny_llama):
+    loop, collector = start_loop(tiny_llama, process=request.param == "process")
     yield loop, collector
     loop.close()
 
@@ -56,6 +68,17 @@ def test_commands_queued_before_the_model_loads_are_served(started):
     final = collector.finals()["a"]
     assert len(final.token_ids) == 8 and final.finish_reason == "length"
     assert loop.model_info["device"] == "cpu"
+
+
+def test_a_core_process_runs_on_the_threads_it_is_given(tiny_llama):
+    collector = Collector()
+    threads = 3 if torch.get_num_threads() != 3 else 2
+    loop = EngineLoop(functools.partial(load_llm, {"model": tiny_llama, "num_blocks": 8}, threads=threads),
+                      wake=collector.wake, process=True)
+    loop.start()
+    collector.pump(loop, lambda: loop.ready)
+    assert loop.model_info["threads"] == threads != torch.get_num_threads()  # its own, not this process's
+    loop.close()
 
 
 def test_outputs_are_coalesced_per_request_and_cumulative(started):
@@ -100,13 +123,10 @@ def test_bad_requests_are_rejected_and_the_loop_lives_on(started):
     assert too_long == {"long": True, "wide": True, "child": False}  # a chat may shorten the first two
 
 
-def test_a_model_that_fails_to_load_is_reported_and_requests_rejected():
+@pytest.mark.parametrize("process", [False, True])
+def test_a_model_that_fails_to_load_is_reported_and_requests_rejected(process):
     collector = Collector()
-
-    def load(progress):
-        raise FileNotFoundError("no model at /nowhere")
-
-    loop = EngineLoop(load, wake=collector.wake)
+    loop = EngineLoop(functools.partial(load_llm, {"model": "/nowhere"}), wake=collector.wake, process=process)
     loop.start()
     loop.submit("a", CHAT, SamplingParams())
     collector.pump(loop, lambda: any(isinstance(e, Rejected) for e in collector.events))
@@ -148,3 +168,46 @@ def test_a_rejection_reaches_the_submitting_channel_as_a_bad_request(started):
     rejected = next(e for e in mine.events if isinstance(e, Rejected))
     assert rejected.request_id == "long" and rejected.bad_request and "context" in rejected.message
     assert not loop._owners  # nothing kept for a request that never ran
+
+
+def test_when_the_core_process_dies_its_requests_fail_and_later_ones_are_rejected(tiny_llama):
+    loop, collector = start_loop(tiny_llama, process=True)
+    mine = Collector()
+    channel = loop.subscribe(mine.wake)
+    loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True), reply_to=channel)
+    loop.submit("b", CHAT, SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True))
+    collector.pump(loop, lambda: sum(isinstance(e, RequestOutput) for e in collector.events) >= 2)
+    os.kill(loop._host._process.pid, signal.SIGKILL)
+    collector.pump(loop, lambda: any(isinstance(e, EngineFailed) for e in collector.events))
+    failed = next(e for e in collector.events if isinstance(e, EngineFailed))
+    assert failed.request_ids == ("a", "b") and "exited" in failed.message
+    mine.pump(channel, lambda: any(isinstance(e, EngineFailed) for e in mine.events))
+    assert [e.request_ids for e in mine.events if isinstance(e, EngineFailed)] == [("a",)]
+    assert not loop.ready and not loop.is_alive()
+    loop.submit("c", CHAT, SamplingParams(max_tokens=4))
+    collector.pump(loop, lambda: any(isinstance(e, Rejected) for e in collector.events))
+    rejected = next(e for e in collector.events if isinstance(e, Rejected))
+    assert rejected.request_id == "c" and not rejected.bad_request and "exited" in rejected.message
+    loop.close()
+
+
+def noisy_load(progress):
+    """A loader that writes to stdout and stderr and logs, then fails (picklable: module level)."""
+    print("core says hello on stdout", flush=True)
+    print("core says hello on stderr", file=sys.stderr, flush=True)
+    logging.getLogger("chatpager.test").warning("core logs a warning")
+    raise RuntimeError("no model here")
+
+
+def test_a_core_process_writes_to_its_log_not_the_terminal(tmp_path, capfd):
+    collector = Collector()
+    log = tmp_path / "chatpager.log"
+    loop = EngineLoop(noisy_load, wake=collector.wake, process=True, log_path=log)
+    loop.start()
+    collector.pump(loop, lambda: any(isinstance(e, LoadFailed) for e in collector.events))
+    loop.close()
+    assert not loop.is_alive()
+    text = log.read_text()
+    assert "hello on stdout" in text and "hello on stderr" in text and "core logs a warning" in text
+    out, err = capfd.readouterr()
+    assert "hello" not in out + err

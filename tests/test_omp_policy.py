@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from chatpager.omp_policy import choose_wait_policy
+from chatpager.omp_policy import choose_wait_policy, threads_beside_a_front_end
 
 
 def test_free_cores_keep_libgomps_default():
@@ -30,3 +30,8 @@ def test_the_cli_chooses_before_torch_is_imported():
             "c.main(['--model', '/nonexistent/model']); print(calls)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[False]", out.stdout + out.stderr
+
+
+def test_an_engine_beside_the_tui_leaves_it_a_core_unless_the_user_chose():
+    assert [threads_beside_a_front_end({}, cores=n) for n in (1, 2, 8)] == [1, 1, 7]
+    assert threads_beside_a_front_end({"OMP_NUM_THREADS": "2"}, cores=2) is None

@@ -42,7 +42,7 @@ def model(tiny_model_factory) -> str:
 
 def make_app(model: str, data_dir: Path, app_class=ChatpagerApp, num_blocks: int = 1024,
              max_model_len: int | None = None, engine_options: dict | None = None, **settings) -> ChatpagerApp:
-    settings = {"params": SHORT, "refresh_interval": 0.05} | settings
+    settings = {"params": SHORT, "refresh_interval": 0.05, "engine_process": False} | settings
     engine = EngineArgs(model=model, num_blocks=num_blocks, max_model_len=max_model_len, **(engine_options or {}))
     app = app_class(AppConfig(engine=engine, data_dir=data_dir, **settings))
     app.notices = []  # every notification's text, for assertions

@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from chatpager.engine_args import EngineArgs
+from chatpager.omp_policy import threads_beside_a_front_end
 from chatpager.serve.config import ServeConfig
 from chatpager.tui.app import ChatpagerApp
 from chatpager.tui.config import AppConfig
@@ -40,6 +41,8 @@ def remote_sessions(app: ChatpagerApp) -> list:
 async def test_a_remote_tenant_shows_in_the_sidebar_and_the_block_map(app):
     async with app.run_test(size=(160, 45)) as pilot:
         await until(pilot, lambda: app.engine.snapshot is not None and app.server is not None)
+        # the app's default: the engine in a process of its own, a core left to the app
+        assert app.engine.model_info["threads"] == threads_beside_a_front_end()
         url = app.server.url
         assert app.title == f"chatpager · serving {url}/v1"
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", max_retries=0)

@@ -161,7 +161,8 @@ class LLM:
                            "dtype": str(dt).removeprefix("torch."), "attention": backend.name,
                            "quantization": quant, "kv_cache_dtype": kv_format.name,
                            "kv_bytes_per_block": kv.bytes_per_block,
-                           "lora_adapters": [a.name for a in adapters]}
+                           "lora_adapters": [a.name for a in adapters],
+                           "threads": torch.get_num_threads()}  # torch's CPU threads in this process
         budget = max_num_batched_tokens or (512 if dev.type == "cpu" else 8192)
         self.engine = LLMEngine(runner, self.tokenizer, eos_token_ids(model_dir, mcfg, self.tokenizer),
                                 config, max_len, budget, self.model_info, speculative=spec)

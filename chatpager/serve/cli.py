@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatpager.engine_args import EngineArgs, add_engine_args
-from chatpager.errors import ChatpagerError
+from chatpager.engine.loop_protocol import ProgressFn
 from chatpager.serve.config import (DEFAULT_HOST, DEFAULT_PORT, SINGLE_KEY_TENANT, ServeConfig,
                                     check_bind, load_api_keys)
+
+if TYPE_CHECKING:
+    from chatpager.engine.llm import LLM
 
 
 def add_serve_args(parser: argparse.ArgumentParser, port_default: int | None = DEFAULT_PORT) -> None:
@@ -57,42 +61,36 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, EngineArgs]:
     return serve_config(args, args.port), EngineArgs.from_namespace(args)
 
 
+def load_telling(kwargs: dict, progress: ProgressFn) -> LLM:
+    """`load_llm`, each stage also told on stderr (the core's process writes to the terminal)."""
+    from chatpager.engine.loop_core import load_llm
+
+    def say(stage: str, fraction: float | None) -> None:
+        percent = "" if fraction is None else f" {100 * fraction:.0f}%"
+        print(f"chatpager serve: {stage}{percent}", file=sys.stderr, flush=True)
+        progress(stage, fraction)
+
+    return load_llm(kwargs, say)
+
+
 def main(argv: list[str]) -> int:
     config, engine_args = parse_args(argv)
     from chatpager.engine.loop import EngineLoop
     from chatpager.logs import configure_file_logging, default_log_path
     from chatpager.serve.server import make_server
 
-    loaded = threading.Event()
-    failure: list[BaseException] = []
-
-    def load(progress):
-        from chatpager import LLM
-
-        def say(stage: str, fraction: float | None) -> None:
-            percent = "" if fraction is None else f" {100 * fraction:.0f}%"
-            print(f"chatpager serve: {stage}{percent}", file=sys.stderr, flush=True)
-
-        try:
-            return LLM(**engine_args.llm_kwargs(), progress=say)
-        except BaseException as exc:
-            failure.append(exc)
-            raise
-        finally:
-            loaded.set()
-
     log_path = default_log_path()
     configure_file_logging(log_path)
     print(f"chatpager serve: logging to {log_path}", file=sys.stderr, flush=True)
-    engine = EngineLoop(load)
+    # The engine in a process of its own: the server's request handling never waits on its GIL.
+    engine = EngineLoop(partial(load_telling, engine_args.llm_kwargs()), process=True, log_path=log_path,
+                        capture_output=False)
     engine.start()
-    loaded.wait()
-    if failure:
-        raise ChatpagerError(f"the model failed to load: {failure[0]}")
-    server = make_server(engine, config)
-    print(f"chatpager serve: {engine.model_info['name']} on http://{config.host}:{config.port}/v1",
-          file=sys.stderr, flush=True)
     try:
+        engine.wait_loaded()
+        server = make_server(engine, config)
+        print(f"chatpager serve: {engine.model_info['name']} on http://{config.host}:{config.port}/v1",
+              file=sys.stderr, flush=True)
         server.run()
     finally:
         engine.close(timeout=2.0)

@@ -1,8 +1,9 @@
 """The chatpager app: many chat sessions on one engine, and its KV cache on show.
 
-The engine runs in an EngineLoop thread. The app drains its events when woken (one
-coalesced EngineActivity message per burst) and pulls the latest CacheSnapshot on a timer;
-nothing here waits on the engine.
+The engine runs in an EngineLoop, whose core has a process of its own (`AppConfig.engine_process`):
+the app's layout and rendering then never hold the engine's GIL. The app drains its events when
+woken (one coalesced EngineActivity message per burst) and pulls the latest CacheSnapshot on a
+timer; nothing here waits on the engine.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from chatpager.engine.loop import EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
+from chatpager.engine.loop_core import load_llm
+from chatpager.logs import LOG_NAME
+from chatpager.omp_policy import threads_beside_a_front_end
 from chatpager.tui import slash
 from chatpager.tui.config import AppConfig
 from chatpager.tui.demo import Tour
@@ -103,7 +107,7 @@ class ChatpagerApp(App, inherit_bindings=False):
         # a --prompts-dir of one's own may have no "assistant": its first prompt then
         self.default_prompt = DEFAULT_PROMPT if DEFAULT_PROMPT in self.prompts else next(iter(self.prompts))
         self.store = Store(config.database)
-        self.engine = EngineLoop(self._load_llm, wake=lambda: self.post_message(EngineActivity()))
+        self.engine = self._make_engine()
         self.sessions = Sessions(self.store, self.prompts)
         self.turns = Turns(self.sessions, self.engine, config.params)
         self.swarm = Swarm(self.sessions, self.turns, load_turns(), config.swarm_params)
@@ -161,10 +165,18 @@ class ChatpagerApp(App, inherit_bindings=False):
             return
         self.title = f"chatpager · serving {self.server.url}/v1"
 
-    def _load_llm(self, progress: ProgressFn):
-        from chatpager import LLM  # torch loads on the engine thread
+    def _make_engine(self) -> EngineLoop:
+        def wake() -> None:
+            self.post_message(EngineActivity())
 
-        return LLM(**self.config.engine.llm_kwargs(), progress=progress)
+        if self.config.engine_process:  # leaving a core to this app's own thread
+            load = partial(load_llm, self.config.engine.llm_kwargs(), threads=threads_beside_a_front_end())
+            return EngineLoop(load, wake, process=True, log_path=self.config.data_dir / LOG_NAME)
+        return EngineLoop(self._load_llm, wake)
+
+    def _load_llm(self, progress: ProgressFn):
+        """The loader of an engine on a thread of this process (torch loads on that thread)."""
+        return load_llm(self.config.engine.llm_kwargs(), progress)
 
     @property
     def current(self) -> Session:

@@ -34,6 +34,7 @@ class AppConfig:
     prompts_dir: Path = PROMPTS_DIR
     refresh_interval: float = 0.25  # seconds between refreshes of the cache view and sidebar
     serve: ServeConfig | None = None  # --serve: the OpenAI-compatible server on this engine
+    engine_process: bool = True  # the engine's core in a process of its own (False: a thread of the app's)
 
     @property
     def database(self) -> Path:
