@@ -97,7 +97,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=_positive(int), help="context per sequence (default: the model's)")
     g.add_argument("--max-num-batched-tokens", type=_positive(int),
                    help="token budget per engine step (default: 512 on CPU, 8192 on CUDA)")
-    g.add_argument("--attention", choices=("auto", "torch", "triton"), default="auto")
+    g.add_argument("--attention", choices=("auto", "cpu", "torch", "triton"), default="auto",
+                   help="auto: Triton on CUDA; on a CPU the C kernels (cpu) where they build, else the torch reference")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1...")
     g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     g.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute",

@@ -1,5 +1,5 @@
-"""The C decode-attention kernel (`kernels.cpu_attention`) equals the torch reference (the same
-plan without it) through random block tables: GQA groups, head dims with and without a compiled
+"""The CPU attention path (`paged_attention_cpu`: the C kernel `cpu_attention` for decode rows and
+short chunks) equals the torch reference through random block tables: GQA groups, head dims with and without a compiled
 specialisation, partial and single-key blocks, shared blocks, sliding windows over null entries,
 mixed steps with prefill chunks, and enough rows to take the threaded path."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from chatpager.kernels import cpu_attention, cpu_build
+from chatpager.kernels.paged_attention_cpu import paged_attention_cpu, plan_cpu_attention, write_kv_cpu
 from chatpager.kernels.paged_attention_torch import paged_attention_torch, plan_paged_attention
-from chatpager.kernels.write_kv_torch import write_kv_torch
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU lacks AVX512 or g++ is missing")
 
@@ -52,10 +52,10 @@ def step(seed: int, seqs: list[tuple[int, int]], heads: int, kv_heads: int, head
 def both_ways(args, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(the kernel's output, the reference's) for one step."""
     block = args[1].shape[1]
-    with_kernel = plan_paged_attention(args[3], args[4], args[5], block, window, decode_kernel=True)
-    reference = plan_paged_attention(args[3], args[4], args[5], block, window, decode_kernel=False)
-    assert with_kernel.decode is not None and not with_kernel.rows and not with_kernel.shared
-    return paged_attention_torch(*args, plan=with_kernel), paged_attention_torch(*args, plan=reference)
+    with_kernel = plan_cpu_attention(args[3], args[4], args[5], block, window)
+    reference = plan_paged_attention(args[3], args[4], args[5], block, window)
+    assert with_kernel.decode is not None
+    return paged_attention_cpu(*args, plan=with_kernel), paged_attention_torch(*args, plan=reference)
 
 
 @needs_kernel
@@ -102,11 +102,11 @@ def test_a_sliding_window_never_reads_the_null_entries_before_it(window):
 @needs_kernel
 def test_a_mixed_step_keeps_long_chunks_on_sdpa_and_short_ones_in_the_kernel():
     args = step(11, [(1, 90), (12, 60), (1, 1), (30, 30), (1, 47), (5, 5), (5, 133)], 9, 3, 64, shared_blocks=3)
-    plan = plan_paged_attention(args[3], args[4], args[5], 16)
+    plan = plan_cpu_attention(args[3], args[4], args[5], 16)
     # a chunk of <= KERNEL_CHUNK_ROWS queries (a speculative verify step) is one kernel row per
     # query, each seeing the keys up to its own position
     assert plan.decode[:, 0].tolist() == [0, 13, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54]
-    assert plan.decode[-5:, 2].tolist() == [129, 130, 131, 132, 133] and len(plan.prefills) == 2
+    assert plan.decode[-5:, 2].tolist() == [129, 130, 131, 132, 133] and len(plan.prefills.prefills) == 2
     got, want = both_ways(args)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
@@ -158,17 +158,19 @@ def test_the_torch_profiler_names_the_kernel_call():
 
     args = step(19, [(1, 20)], 4, 2, 64)
     with profile() as prof:
-        paged_attention_torch(*args)
+        paged_attention_cpu(*args)
     assert "cpu_attention::decode" in {e.key for e in prof.key_averages()}
 
 
 def test_a_failed_build_falls_back_to_the_reference_with_one_logged_line(broken_compiler, caplog):
+    from chatpager.engine.attention import select_backend
+
     with caplog.at_level(logging.INFO, logger="chatpager.kernels.cpu_attention"):
         assert not cpu_attention.available()
-        args = step(23, [(1, 40), (3, 20)], 4, 2, 64)
-        plan = plan_paged_attention(args[3], args[4], args[5], 16)
-        assert plan.decode is None and plan.rows
-        paged_attention_torch(*args, plan=plan)
+        assert select_backend("auto", torch.device("cpu")).name == "torch"
+        assert select_backend("auto", torch.device("cpu"), kv_quantized=True).name == "torch"
+        with pytest.raises(ValueError, match="did not build"):
+            select_backend("cpu", torch.device("cpu"))
     assert len([r for r in caplog.records if "torch's attention" in r.getMessage()]) == 1
 
 
@@ -186,7 +188,7 @@ def test_new_kv_go_to_their_slots_and_skipped_slots_are_untouched():
     k_cache, v_cache = torch.zeros(6, 16, 3, 64), torch.zeros(6, 16, 3, 64)
     k, v = torch.randn(5, 3, 64), torch.randn(5, 3, 64)
     slots = torch.tensor([17, -1, 0, 95, 40])
-    write_kv_torch(k, v, k_cache, v_cache, slots)  # the C write: K/V already in the cache's dtype
+    write_kv_cpu(k, v, k_cache, v_cache, slots)  # the C write: K/V already in the cache's dtype
     want_k, want_v = torch.zeros(96, 3, 64), torch.zeros(96, 3, 64)
     keep = slots >= 0
     want_k.index_copy_(0, slots[keep], k[keep])
@@ -196,5 +198,5 @@ def test_new_kv_go_to_their_slots_and_skipped_slots_are_untouched():
         cpu_attention.write_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 96]))
     bf16 = torch.zeros(6, 16, 3, 64, dtype=torch.bfloat16)
     assert not cpu_attention.can_write_kv(k, bf16, slots)  # a conversion: torch's index_copy_ does it
-    write_kv_torch(k, v, bf16, bf16.clone(), slots)
+    write_kv_cpu(k, v, bf16, bf16.clone(), slots)
     assert torch.equal(bf16.view(96, 3, 64)[17], k[0].bfloat16())

@@ -24,10 +24,11 @@ def assert_matches_hf(llm: LLM, hf, prompts: list[list[int]], max_tokens: int, i
     return outs
 
 
+@pytest.mark.parametrize("attention", ["auto", "torch"])  # auto: the C kernel on this CPU; torch: the reference
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_each_layout_matches_transformers_on_a_mixed_batch(arch, tiny_model_factory, hf_reference):
+def test_each_layout_matches_transformers_on_a_mixed_batch(arch, attention, tiny_model_factory, hf_reference):
     path = tiny_model_factory(arch)
-    llm = LLM(model=path)
+    llm = LLM(model=path, attention=attention)
     assert_matches_hf(llm, hf_reference(path), random_prompts(1, [1, 7, 33, 90]), max_tokens=20)
 
 
@@ -56,8 +57,10 @@ def test_chunked_prefill_matches(tiny_llama, hf_reference):
     assert_matches_hf(llm, hf_reference(tiny_llama), random_prompts(4, [90, 3, 50]), max_tokens=12)
 
 
-def test_triton_free_torch_backend_is_the_cpu_default(tiny_llama):
-    assert LLM(model=tiny_llama).model_info["attention"] == "torch"
+def test_the_cpu_default_is_the_c_kernel_where_it_builds_and_the_reference_elsewhere(tiny_llama):
+    from chatpager.kernels import cpu_attention
+
+    assert LLM(model=tiny_llama).model_info["attention"] == ("cpu" if cpu_attention.available() else "torch")
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_a_run_of_consecutive_blocks_is_read_in_place_and_matches_dense():
     args = list(batch(rng, [(1, 20, None, 0), (5, 12, None, 0)]))  # 5 and 3 blocks of 4
     # both sequences' blocks laid out as consecutive runs of the pool, as a lone chat's are
     args[3] = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 0, 0]], dtype=torch.int32)
-    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK, decode_kernel=False)
+    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK)
     assert plan.rows[0].blocks == slice(0, 5) and plan.prefills[0].blocks == slice(5, 8)
     assert pat._gather(args[1], plan.rows[0].blocks, 1).data_ptr() == args[1].data_ptr()  # no copy
     torch.testing.assert_close(paged_attention_torch(*args, plan=plan), dense(*args), atol=1e-5, rtol=1e-5)
@@ -76,7 +76,7 @@ def test_decode_rows_sharing_a_prefix_attend_it_once_and_match_dense():
             + [(1, rng.randint(50, 70), "other", 10) for _ in range(3)]
             + [(1, rng.randint(1, 60), None, 0) for _ in range(5)])
     args = batch(rng, seqs)
-    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK, decode_kernel=False)
+    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK)
     assert sorted((s.tokens.numel(), count(s.blocks)) for s in plan.shared) == [(3, 10), (7, 8)]
     assert not plan.prefills
     torch.testing.assert_close(paged_attention_torch(*args, plan=plan), dense(*args), atol=1e-5, rtol=1e-5)
@@ -87,7 +87,7 @@ def test_mixed_step_of_decodes_and_prefill_chunks_matches_dense():
     seqs = ([(1, rng.randint(40, 90), "system", 8) for _ in range(4)]
             + [(12, 60, "system", 8), (30, 30, None, 0), (1, 9, None, 0), (5, 5, None, 0)])
     args = batch(rng, seqs)
-    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK, decode_kernel=False)
+    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK)
     assert len(plan.prefills) == 3 and len(plan.shared) == 1
     torch.testing.assert_close(paged_attention_torch(*args, plan=plan), dense(*args), atol=1e-5, rtol=1e-5)
 
@@ -97,7 +97,7 @@ def test_decode_grouping_does_not_change_results(slots, monkeypatch):
     rng = random.Random(2)
     args = batch(rng, [(1, rng.randint(1, 120), None, 0) for _ in range(20)])
     monkeypatch.setattr(pat, "DECODE_GROUP_SLOTS", slots)
-    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK, decode_kernel=False)
+    plan = pat.plan_paged_attention(args[3], args[4], args[5], BLOCK)
     assert (len(plan.rows) == 20) == (slots == 4)  # a group never exceeds the budget unless alone
     torch.testing.assert_close(paged_attention_torch(*args, plan=plan), dense(*args), atol=1e-5, rtol=1e-5)
 
@@ -105,4 +105,4 @@ def test_decode_grouping_does_not_change_results(slots, monkeypatch):
 def test_a_short_common_prefix_is_not_split_off():
     rng = random.Random(3)
     args = batch(rng, [(1, 40, "p", pat.MIN_SHARED_BLOCKS - 1) for _ in range(4)])
-    assert not pat.plan_paged_attention(args[3], args[4], args[5], BLOCK, decode_kernel=False).shared
+    assert not pat.plan_paged_attention(args[3], args[4], args[5], BLOCK).shared

@@ -269,6 +269,7 @@ def test_stats_panel_names_a_quantized_kv_cache_and_speculation():
     assert runtime_label(info) == "cpu · float32 · int4 · torch"  # a float32 cache says nothing more
     info |= {"kv_cache_dtype": "int8", "kv_bytes_per_block": 207360}
     assert runtime_label(info) == "cpu · float32 · int4 · kv int8 (202 KiB/block) · torch"
+    assert runtime_label(info | {"attention": "cpu"}).endswith(" · C kernel")  # the backend's name says "cpu" twice
     assert speculation_label({"spec_proposed_tokens": 0}) == ""
     spec = {"spec_proposed_tokens": 40, "spec_acceptance_rate": 0.5, "spec_tokens_per_step": 2.25}
     assert speculation_label(spec) == " · spec 50.0 % accepted, 2.2 tok/step"

@@ -13,6 +13,7 @@ attends to its last W positions, and table entries before every query's window a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -21,7 +22,7 @@ from chatpager.kernels import paged_attention_torch, write_kv_torch
 from chatpager.kernels.kv_quant_torch import is_rotated, kv_rotation
 from chatpager.kernels.paged_attention_torch import plan_paged_attention
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "cpu", "torch", "triton")
 
 
 @dataclass(slots=True)
@@ -65,13 +66,20 @@ class AttentionBackend:
 
 def select_backend(name: str, device: torch.device, kv_quantized: bool = False,
                    sliding_window: int | None = None) -> AttentionBackend:
-    """`auto`: Triton on CUDA, torch elsewhere. `triton` on CPU runs Triton's interpreter.
+    """`auto`: Triton on CUDA; on a CPU, the C kernel (`cpu`) where it builds, else the torch
+    reference. `triton` on CPU runs Triton's interpreter.
     `kv_quantized`: the cache holds int8 / fp8 codes with scales. `sliding_window`: every
     layer's window, None for full attention."""
     if name not in BACKENDS:
         raise ValueError(f"attention must be one of {BACKENDS}, got {name!r}")
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+    if name == "auto" and device.type == "cuda":
+        name = "triton"
+    elif name == "auto":
+        from chatpager.kernels import cpu_attention
+
+        name = "cpu" if device.type == "cpu" and cpu_attention.available() else "torch"
+    if name == "cpu":
+        return _cpu_backend(device, kv_quantized, sliding_window)
     if name == "torch" and kv_quantized:
         from chatpager.kernels.kv_quant_torch import (paged_attention_quant_torch, plan_quant_attention,
                                                       write_kv_quant_torch)
@@ -84,3 +92,20 @@ def select_backend(name: str, device: torch.device, kv_quantized: bool = False,
 
     label = "triton" if device.type == "cuda" else "triton (interpreter)"
     return AttentionBackend(label, write_kv_triton, paged_attention_triton, sliding_window=sliding_window)
+
+
+def _cpu_backend(device: torch.device, kv_quantized: bool, sliding_window: int | None) -> AttentionBackend:
+    from chatpager.kernels import cpu_attention
+    from chatpager.kernels.paged_attention_cpu import paged_attention_cpu, plan_cpu_attention, write_kv_cpu
+
+    if device.type != "cpu" or not cpu_attention.available():
+        why = ("runs on a CPU only" if device.type != "cpu"
+               else "did not build here (see the log; CHATPAGER_CPU_ATTENTION=0 also turns it off)")
+        raise ValueError(f"attention 'cpu' (the C kernel) {why}: use 'auto' or 'torch'")
+    if kv_quantized:  # codes are dequantized per step, then read by the kernel
+        from chatpager.kernels.kv_quant_torch import (paged_attention_quant_torch, plan_quant_attention,
+                                                      write_kv_quant_torch)
+
+        return AttentionBackend("cpu", write_kv_quant_torch, paged_attention_quant_torch,
+                                partial(plan_quant_attention, kernel=True), sliding_window)
+    return AttentionBackend("cpu", write_kv_cpu, paged_attention_cpu, plan_cpu_attention, sliding_window)

@@ -47,8 +47,8 @@ KL 3.9e-3 -> 3.7e-3), so it would cost the matmuls for nothing.
 
 Attention: `plan_quant_attention` lists the physical blocks a step reads (each once, shared
 prefixes included) and renumbers the block tables into that list; per layer those blocks are
-dequantized into a small float cache and `paged_attention_torch` (the contract's reference)
-runs on it unchanged. The extra cost is one gather of the step's blocks per layer, about what
+dequantized into a small float cache and `paged_attention_torch` (the contract's reference), or
+on the CPU backend `paged_attention_cpu`, runs on it unchanged. The extra cost is one gather of the step's blocks per layer, about what
 the reference's own gather costs.
 """
 from __future__ import annotations
@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
+from chatpager.kernels.paged_attention_cpu import CpuAttentionPlan, paged_attention_cpu, plan_cpu_attention
 from chatpager.kernels.paged_attention_torch import TorchAttentionPlan, paged_attention_torch, plan_paged_attention
 
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # largest code of each storage dtype
@@ -155,11 +156,13 @@ def write_kv_quant_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
 class QuantAttentionPlan:
     blocks: torch.Tensor  # long [U]: the physical blocks this step reads, each once
     block_tables: torch.Tensor  # int32 [num_seqs, width]: the tables renumbered into `blocks`
-    inner: TorchAttentionPlan  # the reference's plan over the renumbered tables
+    inner: TorchAttentionPlan | CpuAttentionPlan  # the float path's plan over the renumbered tables
 
 
 def plan_quant_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                         block_size: int, sliding_window: int | None = None) -> QuantAttentionPlan:
+                         block_size: int, sliding_window: int | None = None,
+                         kernel: bool = False) -> QuantAttentionPlan:
+    """`kernel`: the dequantized blocks are read by `paged_attention_cpu` (the C kernel), not the reference."""
     entry = torch.arange(block_tables.shape[1], device=block_tables.device)
     seq_lens = seq_lens.long()
     live = entry < (seq_lens + block_size - 1).div(block_size, rounding_mode="floor").unsqueeze(1)  # not padding
@@ -169,8 +172,8 @@ def plan_quant_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
     blocks = torch.unique(block_tables[live].long())  # sorted
     compact = torch.searchsorted(blocks, block_tables.long()).clamp_max(blocks.numel() - 1)
     compact = torch.where(live, compact, 0).to(torch.int32)
-    return QuantAttentionPlan(blocks, compact, plan_paged_attention(compact, seq_lens, query_start_loc, block_size,
-                                                                    sliding_window))
+    planner = plan_cpu_attention if kernel else plan_paged_attention
+    return QuantAttentionPlan(blocks, compact, planner(compact, seq_lens, query_start_loc, block_size, sliding_window))
 
 
 def paged_attention_quant_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -185,5 +188,5 @@ def paged_attention_quant_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
         plan = plan_quant_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window)
     k = dequantize(k_cache.index_select(0, plan.blocks), k_scale.index_select(0, plan.blocks), q.dtype)
     v = dequantize(v_cache.index_select(0, plan.blocks), v_scale.index_select(0, plan.blocks), q.dtype)
-    return paged_attention_torch(q, k, v, plan.block_tables, seq_lens, query_start_loc, scale, out=out,
-                                 plan=plan.inner)
+    attend = paged_attention_cpu if isinstance(plan.inner, CpuAttentionPlan) else paged_attention_torch
+    return attend(q, k, v, plan.block_tables, seq_lens, query_start_loc, scale, out=out, plan=plan.inner)

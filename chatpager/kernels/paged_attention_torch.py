@@ -9,11 +9,9 @@ Contract (shared with the Triton kernel):
 The queries of sequence i are the last q_len_i positions of its context and attend causally
 to the whole context through the block table. num_heads is a multiple of num_kv_heads (GQA).
 
-How (this is also the CPU engine's fast path, so cost matters). A `TorchAttentionPlan`,
-made once per step from the metadata alone (`plan_paged_attention`), says what each layer does.
-On an AVX512 CPU where `cpu_attention` builds, every decode row (one query) goes to that C
-kernel, which reads K/V in place through the block table (sliding window included), all rows in
-one call; prefill chunks go as below. Elsewhere, or with CHATPAGER_CPU_ATTENTION=0:
+How (the CPU engine's path when the C kernel of `paged_attention_cpu` cannot run, and that
+path's prefill chunks, so cost matters). A `TorchAttentionPlan`, made once per step from the
+metadata alone (`plan_paged_attention`), says what each layer does:
 - Decode rows (one query each) whose block tables start with the same run of blocks (a shared
   system prompt or history) attend to that shared prefix together: its K/V is gathered once
   and all their queries meet it in one call (cascade attention). Each row's remaining blocks
@@ -40,14 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from chatpager.kernels import cpu_attention
-
 DECODE_GROUP_SLOTS = 2048  # context slots per decode group: its K+V (3 MiB for SmolLM2) stays in L2/L3
 MIN_SHARED_BLOCKS = 4  # a shorter common prefix is not worth a separate pass
-# With the C kernel, a chunk of at most this many queries (a speculative verify step, a short
-# chunked-prefill tail) goes to it as one row per query, each seeing the keys up to its own
-# position, instead of an SDPA call with a mask of its own
-KERNEL_CHUNK_ROWS = 8
 
 
 @dataclass(slots=True)
@@ -80,22 +72,13 @@ class TorchAttentionPlan:
     rows: list[_Rows] = field(default_factory=list)
     shared: list[_Shared] = field(default_factory=list)
     prefills: list[_Prefill] = field(default_factory=list)
-    # int32 [R, 4] for `cpu_attention`: (token, sequence, length, first visible key) per decode row
-    decode: torch.Tensor | None = None
-    window: int | None = None  # the sliding window the plan was made for
 
 
 def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                         block_size: int, sliding_window: int | None = None,
-                         decode_kernel: bool | None = None) -> TorchAttentionPlan:
-    """Everything about a step's attention that does not depend on the layer. `decode_kernel`:
-    decode rows go to `cpu_attention` (None: wherever it runs, i.e. on a CPU where it builds)."""
+                         block_size: int, sliding_window: int | None = None) -> TorchAttentionPlan:
+    """Everything about a step's attention that does not depend on the layer."""
     dev = block_tables.device
-    if decode_kernel is None:
-        decode_kernel = dev.type == "cpu" and cpu_attention.available()
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    if decode_kernel:
-        return _plan_with_kernel(block_tables, starts, lens, block_size, sliding_window)
     tables = block_tables.tolist()
     plan = TorchAttentionPlan()
     decode: list[tuple[int, list[int], int, int]] = []  # (token row, blocks, keys, first visible key)
@@ -103,7 +86,7 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
     for i, n in enumerate(lens):
         table = tables[i][:-(-n // block_size)]
         if starts[i + 1] - starts[i] > 1:
-            plan.prefills.append(_plan_prefill(table, n, starts[i], starts[i + 1], block_size, dev, sliding_window))
+            plan.prefills.append(plan_prefill(table, n, starts[i], starts[i + 1], block_size, dev, sliding_window))
         elif sliding_window and n > sliding_window:
             first = (n - sliding_window) // block_size  # blocks wholly before the window
             decode.append((starts[i], table[first:], n - first * block_size, n - sliding_window - first * block_size))
@@ -117,26 +100,9 @@ def plan_paged_attention(block_tables: torch.Tensor, seq_lens: torch.Tensor, que
     return plan
 
 
-def _plan_with_kernel(block_tables: torch.Tensor, starts: list[int], lens: list[int], block_size: int,
-                      window: int | None) -> TorchAttentionPlan:
-    plan, rows = TorchAttentionPlan(window=window), []
-    for i, n in enumerate(lens):
-        q_len = starts[i + 1] - starts[i]
-        if q_len > KERNEL_CHUNK_ROWS:
-            table = block_tables[i, :-(-n // block_size)].tolist()
-            plan.prefills.append(_plan_prefill(table, n, starts[i], starts[i + 1], block_size, block_tables.device,
-                                               window))
-            continue
-        for j in range(q_len):  # query j sits at position n - q_len + j: it sees keys up to there
-            keys = n - q_len + j + 1
-            rows.append((starts[i] + j, i, keys, max(0, keys - window) if window else 0))
-    if rows:
-        plan.decode = torch.tensor(rows, dtype=torch.int32)
-    return plan
-
-
-def _plan_prefill(table: list[int], seq_len: int, start: int, end: int, block_size: int,
-                  dev: torch.device, window: int | None = None) -> _Prefill:
+def plan_prefill(table: list[int], seq_len: int, start: int, end: int, block_size: int,
+                 dev: torch.device, window: int | None = None) -> _Prefill:
+    """One sequence's chunk of queries over its blocks (`table`: the sequence's, in order)."""
     q_len = end - start
     first = max(0, seq_len - q_len - window + 1) // block_size if window else 0  # blocks no query sees
     table = table[first:]
@@ -214,19 +180,6 @@ def paged_attention_torch(
         plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], sliding_window)
     if out is None:
         out = q.new_empty(num_tokens, num_heads, head_dim)
-    if plan.decode is not None:
-        q32 = q if q.dtype is torch.float32 else q.float()
-        if not cpu_attention.supports(q32, k_cache):  # a cache or shape the kernel does not take
-            plan = plan_paged_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], plan.window,
-                                        decode_kernel=False)
-        elif q32 is not q or out.dtype is not torch.float32 or not out.is_contiguous():
-            # the kernel reads and writes float32: the whole step in float32, copied into `out`
-            out.copy_(paged_attention_torch(q32, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                            scale, plan=plan))
-            return out
-        else:
-            cpu_attention.decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
-                                           block_tables.to(torch.int32).contiguous(), plan.decode, scale, out)
     lse = q.new_empty(num_tokens, num_heads, dtype=torch.float32) if plan.shared else None
     for rows in plan.rows:
         _attend_rows(q, k_cache, v_cache, rows, scale, out, lse)

@@ -1,14 +1,10 @@
 """Pure-torch KV write: store each new token's K/V at its slot in the paged cache.
 
 slot = block_id * block_size + offset; a slot of -1 means "skip this token" (e.g. padding).
-On a CPU where `cpu_attention` builds, K/V already in the cache's dtype are stored by its one C
-call (no index_copy_, no check for skipped slots).
 """
 from __future__ import annotations
 
 import torch
-
-from chatpager.kernels import cpu_attention
 
 
 def write_kv_torch(
@@ -18,9 +14,6 @@ def write_kv_torch(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    if cpu_attention.can_write_kv(k, k_cache, slot_mapping) and cpu_attention.available():
-        cpu_attention.write_kv(k, v, k_cache, v_cache, slot_mapping)
-        return
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
     flat_v = v_cache.view(-1, num_kv_heads, head_dim)

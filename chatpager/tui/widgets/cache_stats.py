@@ -66,10 +66,13 @@ class CacheStats(Static):
         self.update(table, layout=False)
 
 
+ATTENTION_LABELS = {"cpu": "C kernel"}  # the attention backend's name, where it alone would not say what it is
+
+
 def runtime_label(info: dict) -> str:
-    """'cpu · float32 · int4 · torch': device, dtype, weight and KV quantization, attention."""
-    return (f"{info['device']} · {info['dtype']}{quantization_label(info)}{kv_label(info)}"
-            f" · {info['attention']}")
+    """'cpu · float32 · int4 · C kernel': device, dtype, weight and KV quantization, attention."""
+    attention = ATTENTION_LABELS.get(info["attention"], info["attention"])
+    return f"{info['device']} · {info['dtype']}{quantization_label(info)}{kv_label(info)} · {attention}"
 
 
 def quantization_label(info: dict) -> str:
