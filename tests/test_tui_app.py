@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -335,6 +337,20 @@ async def test_a_model_that_fails_to_load_is_reported(tmp_path):
         await until(pilot, lambda: app.current.error is not None)
         assert "failed to load" in app.current.error
         assert any("no-such-model" in notice for notice in app.notices)
+
+
+async def test_when_the_engine_process_dies_the_reply_ends_with_an_error_and_the_status_says_so(model, tmp_path):
+    app = make_app(model, tmp_path, engine_process=True, params=ENDLESS)  # the app's default: its own process
+    async with running(app) as pilot:
+        await loaded(pilot)
+        await say(pilot, "tell me everything")
+        await until(pilot, lambda: app.current.reply)
+        os.kill(app.engine._host._process.pid, signal.SIGKILL)
+        await until(pilot, lambda: app.current.error is not None and not app.current.busy)
+        assert "engine process exited" in app.current.error
+        assert app.model_status == "engine stopped: restart chatpager"
+        await say(pilot, "still there?")  # answered at once, not queued forever
+        await until(pilot, lambda: not app.current.busy and "exited" in (app.current.error or ""))
 
 
 async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):

@@ -16,7 +16,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from chatpager.engine.loop import EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
+from chatpager.engine.loop import EngineFailed, EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
 from chatpager.engine.loop_core import load_llm
 from chatpager.logs import LOG_NAME
 from chatpager.omp_policy import threads_beside_a_front_end
@@ -211,6 +211,8 @@ class ChatpagerApp(App, inherit_bindings=False):
             elif isinstance(event, LoadFailed):
                 self._set_model_status("failed to load")
                 self.notify(event.message, title="Model load failed", severity="error", timeout=15)
+            elif isinstance(event, EngineFailed) and not self.engine.ready:  # given up, or its process died
+                self._set_model_status("engine stopped: restart chatpager")
         self.remote.apply(events, keep=self.current_id)  # before turns: outputs find their turn
         changes = self.turns.apply(events)
         for notice in changes.notices:
