@@ -10,8 +10,9 @@ so then threads sleep (PASSIVE). A policy the user set always wins.
 
 How many threads: torch's default, one per core, except for an engine beside the TUI
 (`threads_beside_a_front_end`): the app's own thread takes a core while replies stream, and an
-OpenMP team that counts on that core waits for it at every barrier (2-core machine, a greedy
-400-token reply in the TUI: 5.5-5.9 s with two engine threads, 4.7-5.0 s with one; BENCHMARKS.md).
+OpenMP team that counts on that core waits for it at every barrier (2-core machine, in the TUI:
+a greedy 400-token reply took 5.5-5.9 s with two engine threads, 4.7-5.0 s with one; eight
+sessions of 128 tokens at once 6.10 s with two, 4.92 s with one; BENCHMARKS.md).
 """
 from __future__ import annotations
 
