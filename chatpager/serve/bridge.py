@@ -1,9 +1,9 @@
-"""The bridge between the HTTP side (asyncio) and the EngineLoop's thread.
+"""The bridge between the HTTP side (asyncio) and the EngineLoop.
 
 Invariants:
 - The HTTP side only submits and aborts through the EngineLoop and reads its snapshot; it
   hears back on one channel subscribed for this server (`EngineLoop.subscribe`).
-- The channel's wake-up runs on the engine thread and only schedules `_dispatch` on the
+- The channel's wake-up runs on the EngineLoop's reporting thread and only schedules `_dispatch` on the
   asyncio loop (`call_soon_threadsafe`), at most one pending at a time; `_dispatch` hands
   each event to its request group's queue. Outputs are cumulative, so a consumer that lags
   behind reads the latest and loses nothing.
@@ -105,7 +105,7 @@ class EngineBridge:
                 del self._streams[member]
         self._waiting.discard(stream.request_id)
 
-    # -- the engine thread --------------------------------------------------------------------
+    # -- the EngineLoop's reporting thread -----------------------------------------------------
     def _wake(self) -> None:
         with self._lock:
             if self._scheduled:

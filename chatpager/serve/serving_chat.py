@@ -1,6 +1,6 @@
 """POST /v1/chat/completions: OpenAI chat requests as engine requests, and back.
 
-The messages are rendered with the model's chat template on the engine thread (the same
+The messages are rendered with the model's chat template in the engine's core (the same
 `encode_chat` that `LLM.chat` uses), so a greedy reply equals `LLM.chat`'s for them.
 """
 from __future__ import annotations

@@ -185,7 +185,7 @@ class ChatpagerApp(App, inherit_bindings=False):
     # -- engine events --------------------------------------------------------------------------
     async def on_engine_activity(self, _: EngineActivity) -> None:
         # Each batch costs a Markdown append: apply a few a second, not one per engine step,
-        # so the engine thread keeps the CPU.
+        # so the app's own thread stays light (it shares the machine with the engine).
         if self._drain_pending:
             return
         delay = self._last_drain + DRAIN_INTERVAL - time.monotonic()

@@ -1,7 +1,7 @@
 """`chatpager` (the chat TUI): parse the command line and run the app.
 
 Only argparse and Textual are imported here: the UI shows at once and the model (torch)
-loads on the engine thread.
+loads in the engine's own process.
 """
 from __future__ import annotations
 

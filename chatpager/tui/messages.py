@@ -1,12 +1,12 @@
-"""Messages that cross widgets (and the engine thread's wake-up call)."""
+"""Messages that cross widgets (and the engine loop's wake-up call)."""
 from __future__ import annotations
 
 from textual.message import Message
 
 
 class EngineActivity(Message):
-    """The engine loop has events to drain. Posted from the engine thread; a pending one
-    stands for any number, so the UI does one drain per burst, never one call per token."""
+    """The engine loop has events to drain. Posted from the loop's reporting thread; a pending
+    one stands for any number, so the UI does one drain per burst, never one call per token."""
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, EngineActivity)
