@@ -62,3 +62,19 @@ def test_the_serve_command_answers_and_ctrl_c_ends_it_and_its_engine(tiny_llama,
         if server.poll() is None:
             server.kill()
         server.stderr.close()
+
+
+def test_a_model_that_fails_to_load_in_the_engine_process_ends_serve_with_one_line(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 8}')  # no architecture: fails in the engine's process
+    save_file({"x": torch.zeros(2)}, str(model / "model.safetensors"))
+    env = os.environ | {"XDG_STATE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "chatpager", "serve", "--model", str(model), "--port", str(free_port())],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("chatpager: error: the model failed to load:")
+    assert "Traceback" not in done.stderr
