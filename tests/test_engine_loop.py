@@ -195,19 +195,22 @@ def noisy_load(progress):
     """A loader that writes to stdout and stderr and logs, then fails (picklable: module level)."""
     print("core says hello on stdout", flush=True)
     print("core says hello on stderr", file=sys.stderr, flush=True)
-    logging.getLogger("chatpager.test").warning("core logs a warning")
+    logging.getLogger("chatpager.test").warning("core logs a warning %d", 42)
     raise RuntimeError("no model here")
 
 
-def test_a_core_process_writes_to_its_log_not_the_terminal(tmp_path, capfd):
+def test_a_core_process_logs_through_this_process_and_keeps_its_output_off_the_terminal(tmp_path, capfd, caplog):
     collector = Collector()
-    log = tmp_path / "chatpager.log"
-    loop = EngineLoop(noisy_load, wake=collector.wake, process=True, log_path=log)
-    loop.start()
-    collector.pump(loop, lambda: any(isinstance(e, LoadFailed) for e in collector.events))
-    loop.close()
+    output = tmp_path / "chatpager.log"
+    loop = EngineLoop(noisy_load, wake=collector.wake, process=True, output_path=output)
+    with caplog.at_level(logging.INFO, logger="chatpager"):
+        loop.start()
+        collector.pump(loop, lambda: any(isinstance(e, LoadFailed) for e in collector.events))
+        loop.close()
     assert not loop.is_alive()
-    text = log.read_text()
-    assert "hello on stdout" in text and "hello on stderr" in text and "core logs a warning" in text
+    [record] = [r for r in caplog.records if r.name == "chatpager.test"]
+    assert record.getMessage() == "core logs a warning 42" and record.process != os.getpid()
+    text = output.read_text()
+    assert "hello on stdout" in text and "hello on stderr" in text and "core logs" not in text
     out, err = capfd.readouterr()
     assert "hello" not in out + err

@@ -95,14 +95,13 @@ class EngineLoop:
         snapshot_interval: float = 0.1,
         *,
         process: bool = False,
-        log_path: Path | None = None,
-        capture_output: bool = True,
+        output_path: Path | None = None,
     ) -> None:
         """`load(progress)` builds the LLM; it runs in the core. `wake` makes the main channel
         (see the module docstring); without it, only subscribed channels get events.
         `process`: run the core in a process of its own (`load` must then pickle, e.g.
-        `functools.partial(loop_core.load_llm, kwargs)`); its log records go to `log_path`,
-        and its stdout and stderr too if `capture_output`."""
+        `functools.partial(loop_core.load_llm, kwargs)`); its log records are handled by this
+        process's loggers, its stdout and stderr go to `output_path` if given."""
         self._main = Channel(wake) if wake is not None else None
         self._lock = threading.Lock()  # the routing records below: submitters' threads vs the core's reports
         self._owners: dict[str, Channel] = {}  # request id -> its subscribed channel
@@ -117,7 +116,7 @@ class EngineLoop:
         if process:
             from chatpager.engine.loop_process import CoreProcess
 
-            self._host = CoreProcess(load, report, snapshot_interval, self._lost, log_path, capture_output)
+            self._host = CoreProcess(load, report, snapshot_interval, self._lost, output_path)
         else:
             self._host = CoreThread(load, report, snapshot_interval)
 

@@ -13,14 +13,18 @@ How:
   reports (events, state, snapshots) come up as one message each, in the order it made them,
   and a reader thread of the client's process hands them to the client's `Report`.
 - The core's process ignores SIGINT (Ctrl+C in a terminal reaches the whole process group; the
-  client decides when to stop), sends its log records to `log_path` when one is given, and its
-  stdout and stderr too unless told not to (the terminal belongs to the client), and stops when
-  told, or when the pipe closes because the client is gone.
+  client decides when to stop) and stops when told, or when the pipe closes because the client
+  is gone.
+- Its `chatpager.*` log records come up the pipe too, at the client's level, and are handled by
+  the client's loggers: one process writes the log file (two would each rotate it). Its stdout
+  and stderr (C and Python output alike) go to `output_path` when one is given: the terminal
+  belongs to the client.
 - If the core's process ends without being told to, the client hears `lost(why)` once.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import queue
@@ -43,11 +47,12 @@ if TYPE_CHECKING:
 
 class CoreProcess:
     def __init__(self, load: Callable[[ProgressFn], LLM], report: Report, snapshot_interval: float,
-                 lost: Callable[[str], None], log_path: Path | None = None, capture_output: bool = True) -> None:
+                 lost: Callable[[str], None], output_path: Path | None = None) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, self._core_conn = context.Pipe()
+        level = logging.getLogger("chatpager").getEffectiveLevel()
         self._process = context.Process(target=_core_main, name="chatpager-engine", daemon=True,
-                                         args=(self._core_conn, load, snapshot_interval, log_path, capture_output))
+                                         args=(self._core_conn, load, snapshot_interval, level, output_path))
         self._report = report
         self._lost = lost
         self._send_lock = threading.Lock()  # any thread may send
@@ -92,7 +97,11 @@ class CoreProcess:
                 kind, *args = self._conn.recv()
             except (EOFError, OSError):
                 break
-            getattr(self._report, kind)(*args)
+            if kind == "log":
+                record = args[0]
+                logging.getLogger(record.name).handle(record)
+            else:
+                getattr(self._report, kind)(*args)
         self._process.join(5.0)
         if not self._closing:
             self._lost(f"the engine process exited (code {self._process.exitcode})")
@@ -117,32 +126,59 @@ def _stderr_with_a_descriptor():
 
 
 class _PipeReport:
-    """The core's `Report`, as messages up the pipe: (method name, *arguments)."""
+    """The core's `Report`, and its log records, as messages up the pipe: (kind, *arguments)."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._lock = threading.Lock()  # the core reports, any thread may log
+
+    def _send(self, message: tuple) -> None:
+        with self._lock:
+            self._conn.send(message)
 
     def events(self, events: Sequence[Event]) -> None:
-        self._conn.send(("events", list(events)))
+        self._send(("events", list(events)))
 
     def state(self, model_info: dict | None, unusable: str | None) -> None:
-        self._conn.send(("state", model_info, unusable))
+        self._send(("state", model_info, unusable))
 
     def snapshot(self, snapshot: CacheSnapshot) -> None:
-        self._conn.send(("snapshot", snapshot))
+        self._send(("snapshot", snapshot))
+
+    def log(self, record: logging.LogRecord) -> None:
+        self._send(("log", record))
+
+
+class _PipeLogHandler(logging.Handler):
+    """Hands each record to the client: its message formatted here (its arguments may not pickle)."""
+
+    def __init__(self, report: _PipeReport) -> None:
+        super().__init__()
+        self._report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            record.msg, record.args = record.getMessage(), None
+            if record.exc_info:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+            self._report.log(record)
+        except (OSError, EOFError):  # the client is gone
+            pass
 
 
 def _core_main(conn: Connection, load: Callable[[ProgressFn], LLM], snapshot_interval: float,
-               log_path: Path | None, capture_output: bool) -> None:
+               log_level: int, output_path: Path | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if log_path is not None:
-        from chatpager.logs import configure_file_logging
-
-        configure_file_logging(log_path)
-    if log_path is not None and capture_output:
-        with open(log_path, "a", encoding="utf-8") as log:  # C and Python output alike, not the terminal
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
+    if output_path is not None:
+        with open(output_path, "a", encoding="utf-8") as out:  # C and Python output alike, not the terminal
+            os.dup2(out.fileno(), 1)
+            os.dup2(out.fileno(), 2)
+    report = _PipeReport(conn)
+    logger = logging.getLogger("chatpager")
+    logger.setLevel(log_level)
+    logger.addHandler(_PipeLogHandler(report))
+    logger.propagate = False
     commands: queue.SimpleQueue = queue.SimpleQueue()
 
     def receive() -> None:
@@ -157,6 +193,6 @@ def _core_main(conn: Connection, load: Callable[[ProgressFn], LLM], snapshot_int
 
     threading.Thread(target=receive, name="chatpager-commands", daemon=True).start()
     try:
-        EngineCore(load, commands, _PipeReport(conn), snapshot_interval).run()
+        EngineCore(load, commands, report, snapshot_interval).run()
     except (BrokenPipeError, EOFError):  # the client left while the core reported
         pass

@@ -83,8 +83,7 @@ def main(argv: list[str]) -> int:
     configure_file_logging(log_path)
     print(f"chatpager serve: logging to {log_path}", file=sys.stderr, flush=True)
     # The engine in a process of its own: the server's request handling never waits on its GIL.
-    engine = EngineLoop(partial(load_telling, engine_args.llm_kwargs()), process=True, log_path=log_path,
-                        capture_output=False)
+    engine = EngineLoop(partial(load_telling, engine_args.llm_kwargs()), process=True)
     engine.start()
     try:
         engine.wait_loaded()

@@ -171,7 +171,7 @@ class ChatpagerApp(App, inherit_bindings=False):
 
         if self.config.engine_process:  # leaving a core to this app's own thread
             load = partial(load_llm, self.config.engine.llm_kwargs(), threads=threads_beside_a_front_end())
-            return EngineLoop(load, wake, process=True, log_path=self.config.data_dir / LOG_NAME)
+            return EngineLoop(load, wake, process=True, output_path=self.config.data_dir / LOG_NAME)
         return EngineLoop(self._load_llm, wake)
 
     def _load_llm(self, progress: ProgressFn):
