@@ -214,3 +214,22 @@ def test_a_core_process_logs_through_this_process_and_keeps_its_output_off_the_t
     assert "hello on stdout" in text and "hello on stderr" in text and "core logs" not in text
     out, err = capfd.readouterr()
     assert "hello" not in out + err
+
+
+def test_a_report_the_client_fails_to_handle_does_not_stop_the_next(tiny_llama, caplog):
+    collector = Collector()
+    calls = []
+
+    def wake() -> None:  # fails once, as a buggy client callback would
+        calls.append(None)
+        if len(calls) == 1:
+            raise RuntimeError("a client callback failed")
+        collector.wake()
+
+    loop = EngineLoop(functools.partial(load_llm, {"model": tiny_llama, "num_blocks": 8}), wake=wake, process=True)
+    with caplog.at_level(logging.ERROR, logger="chatpager"):
+        loop.start()
+        loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        collector.pump(loop, lambda: "a" in collector.finals())
+        loop.close()
+    assert "a client callback failed" in caplog.text

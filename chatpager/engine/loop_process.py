@@ -39,6 +39,8 @@ from chatpager.engine.loop_core import EngineCore, Report
 from chatpager.engine.loop_protocol import Close, Command, Event, ProgressFn
 from chatpager.engine.outputs import CacheSnapshot
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
@@ -97,11 +99,17 @@ class CoreProcess:
                 kind, *args = self._conn.recv()
             except (EOFError, OSError):
                 break
-            if kind == "log":
-                record = args[0]
-                logging.getLogger(record.name).handle(record)
-            else:
-                getattr(self._report, kind)(*args)
+            except Exception:  # a message that does not unpickle: nothing after it can be trusted
+                log.exception("unreadable message from the engine process; stopping it")
+                self._process.terminate()
+                break
+            try:
+                if kind == "log":
+                    logging.getLogger(args[0].name).handle(args[0])
+                else:
+                    getattr(self._report, kind)(*args)
+            except Exception:  # a client's callback failed: the next report still comes through
+                log.exception("handling the engine's %r report failed", kind)
         self._process.join(5.0)
         if not self._closing:
             self._lost(f"the engine process exited (code {self._process.exitcode})")
