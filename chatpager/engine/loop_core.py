@@ -29,6 +29,7 @@ from chatpager.errors import ChatpagerError, PromptTooLong
 if TYPE_CHECKING:
     from chatpager.engine.llm import LLM
 
+
 class Report(Protocol):
     """Where a core's news goes: its host hands it to the client."""
 
