@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from chatpager.engine.sampler import PREFILTER, sample, sample_batch
+from chatpager.engine.sampler import PREFILTER, sample_batch
 from chatpager.engine.sampling_params import SamplingParams
 
 
