@@ -16,6 +16,7 @@ import torch
 from chatpager import SamplingParams
 from chatpager.engine.loop import Accepted, EngineFailed, EngineLoop, Loaded, LoadFailed, LoadProgress, Rejected
 from chatpager.engine.loop_core import load_llm
+from chatpager.errors import ChatpagerError
 from chatpager.engine.outputs import RequestOutput
 
 CHAT = [{"role": "user", "content": "hello"}]
@@ -233,3 +234,18 @@ def test_a_report_the_client_fails_to_handle_does_not_stop_the_next(tiny_llama, 
         collector.pump(loop, lambda: "a" in collector.finals())
         loop.close()
     assert "a client callback failed" in caplog.text
+
+
+def test_a_stopped_core_can_be_restarted_and_serves_again(tiny_llama):
+    loop, collector = start_loop(tiny_llama, process=True)
+    collector.pump(loop, lambda: loop.ready)
+    with pytest.raises(ChatpagerError, match="running"):
+        loop.restart()
+    os.kill(loop._host._process.pid, signal.SIGKILL)
+    collector.pump(loop, lambda: any(isinstance(e, EngineFailed) for e in collector.events))
+    loop.restart()
+    loop.submit("b", CHAT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    collector.pump(loop, lambda: "b" in collector.finals())
+    assert loop.ready and len(collector.finals()["b"].token_ids) == 4
+    assert sum(isinstance(e, Loaded) for e in collector.events) == 2
+    loop.close()

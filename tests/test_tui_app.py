@@ -339,7 +339,7 @@ async def test_a_model_that_fails_to_load_is_reported(tmp_path):
         assert any("no-such-model" in notice for notice in app.notices)
 
 
-async def test_when_the_engine_process_dies_the_reply_ends_with_an_error_and_the_status_says_so(model, tmp_path):
+async def test_when_the_engine_process_dies_the_reply_ends_with_an_error_and_restart_brings_it_back(model, tmp_path):
     app = make_app(model, tmp_path, engine_process=True, params=ENDLESS)  # the app's default: its own process
     async with running(app) as pilot:
         await loaded(pilot)
@@ -348,9 +348,16 @@ async def test_when_the_engine_process_dies_the_reply_ends_with_an_error_and_the
         os.kill(app.engine._host._process.pid, signal.SIGKILL)
         await until(pilot, lambda: app.current.error is not None and not app.current.busy)
         assert "engine process exited" in app.current.error
-        assert app.model_status == "engine stopped: restart chatpager"
+        assert app.model_status == "engine stopped: /restart starts it again"
         await say(pilot, "still there?")  # answered at once, not queued forever
         await until(pilot, lambda: not app.current.busy and "exited" in (app.current.error or ""))
+        await say(pilot, "/restart")
+        await until(pilot, lambda: app.engine.ready and app.model_status.startswith(app.engine.model_info["name"]))
+        await say(pilot, "and now?")
+        await until(pilot, lambda: not app.current.busy and app.current.messages[-1].role == "assistant")
+        assert app.current.messages[-1].content and app.current.error is None
+        await say(pilot, "/restart")  # a running engine is left alone
+        await until(pilot, lambda: any("nothing to restart" in n for n in app.notices))
 
 
 async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):

@@ -53,6 +53,7 @@ from chatpager.errors import ChatpagerError
 
 if TYPE_CHECKING:
     from chatpager.engine.beam_search import BeamSearchParams
+    from chatpager.engine.loop_process import CoreProcess
     from chatpager.engine.llm import LLM
 
 __all__ = ["Accepted", "Channel", "EngineFailed", "EngineLoop", "Event", "Loaded", "LoadFailed", "LoadProgress",
@@ -112,13 +113,17 @@ class EngineLoop:
         self.model_info: dict | None = None
         self._unusable: str | None = "the model is not loaded"  # why the core rejects submits
         self._settled = threading.Event()  # the model loaded, or will not
-        report = _Reports(self)
-        if process:
-            from chatpager.engine.loop_process import CoreProcess
 
-            self._host = CoreProcess(load, report, snapshot_interval, self._lost, output_path)
-        else:
-            self._host = CoreThread(load, report, snapshot_interval)
+        def make_host() -> CoreThread | CoreProcess:
+            report = _Reports(self)
+            if process:
+                from chatpager.engine.loop_process import CoreProcess
+
+                return CoreProcess(load, report, snapshot_interval, self._lost, output_path)
+            return CoreThread(load, report, snapshot_interval)
+
+        self._make_host = make_host
+        self._host = make_host()
 
     # -- called from any thread ------------------------------------------------------------
     def start(self) -> None:
@@ -170,6 +175,22 @@ class EngineLoop:
             self._live.add(new_request_id)
         if not self._host.send(Fork(request_id, new_request_id, params)):
             self._publish([Rejected(new_request_id, self._unusable or "", bad_request=False)])
+
+    def restart(self) -> None:
+        """Start a new core after this one stopped (its process died, or its engine was given
+        up): it loads the model afresh, with an empty cache. Raises ChatpagerError while the
+        engine is ready, or still loading."""
+        if self.ready or (self.is_alive() and self.model_info is None and not self._settled.is_set()):
+            raise ChatpagerError("the engine is running: nothing to restart")
+        self._host.close(timeout=1.0)
+        with self._lock:
+            dropped = tuple(sorted(self._live))
+        if dropped:  # whatever the old core had not answered
+            self._publish([EngineFailed("the engine restarted", dropped)])
+        self.snapshot, self.model_info, self._unusable = None, None, "the model is not loaded"
+        self._settled = threading.Event()
+        self._host = self._make_host()
+        self._host.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the core after the commands already queued."""

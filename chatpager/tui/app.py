@@ -18,6 +18,7 @@ from textual.screen import Screen
 
 from chatpager.engine.loop import EngineFailed, EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
 from chatpager.engine.loop_core import load_llm
+from chatpager.errors import ChatpagerError
 from chatpager.logs import LOG_NAME
 from chatpager.omp_policy import threads_beside_a_front_end
 from chatpager.tui import slash
@@ -211,8 +212,8 @@ class ChatpagerApp(App, inherit_bindings=False):
             elif isinstance(event, LoadFailed):
                 self._set_model_status("failed to load")
                 self.notify(event.message, title="Model load failed", severity="error", timeout=15)
-            elif isinstance(event, EngineFailed) and not self.engine.ready:  # given up, or its process died
-                self._set_model_status("engine stopped: restart chatpager")
+            elif isinstance(event, EngineFailed) and not self.engine.ready and self.engine.model_info:
+                self._set_model_status("engine stopped: /restart starts it again")  # given up, or its process died
         self.remote.apply(events, keep=self.current_id)  # before turns: outputs find their turn
         changes = self.turns.apply(events)
         for notice in changes.notices:
@@ -398,6 +399,14 @@ class ChatpagerApp(App, inherit_bindings=False):
 
     async def _slash_demo(self, _: str) -> None:
         self.start_tour()
+
+    async def _slash_restart(self, _: str) -> None:
+        try:
+            self.engine.restart()
+        except ChatpagerError as error:
+            raise UserError(str(error)) from None
+        self._set_model_status("loading…")
+        self.notify("Engine restarting: the model loads again, with an empty cache")
 
     # -- the guided demo --------------------------------------------------------------------------
     def start_tour(self) -> None:

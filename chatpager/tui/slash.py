@@ -38,6 +38,7 @@ COMMANDS: tuple[SlashCommand, ...] = (
     SlashCommand("export", "[md|json] [path]", "Write this session to a file (asks before replacing one)"),
     SlashCommand("swarm", "N", "Start N simulated tenants (0 stops them)"),
     SlashCommand("demo", "", "Guided tour of paging: Space / → next step, Esc leaves"),
+    SlashCommand("restart", "", "Start the engine again after it stopped (its cache starts empty)"),
     SlashCommand("help", "", "Show keys and commands"),
 )
 _BY_NAME = {command.name: command for command in COMMANDS}
