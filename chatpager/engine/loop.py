@@ -180,7 +180,7 @@ class EngineLoop:
         """Start a new core after this one stopped (its process died, or its engine was given
         up): it loads the model afresh, with an empty cache. Raises ChatpagerError while the
         engine is ready, or still loading."""
-        if self.ready or (self.is_alive() and self.model_info is None and not self._settled.is_set()):
+        if self.ready or (self.is_alive() and not self._settled.is_set()):
             raise ChatpagerError("the engine is running: nothing to restart")
         self._host.close(timeout=1.0)
         with self._lock:

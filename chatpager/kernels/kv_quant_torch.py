@@ -48,8 +48,8 @@ KL 3.9e-3 -> 3.7e-3), so it would cost the matmuls for nothing.
 Attention: `plan_quant_attention` lists the physical blocks a step reads (each once, shared
 prefixes included) and renumbers the block tables into that list; per layer those blocks are
 dequantized into a small float cache and `paged_attention_torch` (the contract's reference), or
-on the CPU backend `paged_attention_cpu`, runs on it unchanged. The extra cost is one gather of the step's blocks per layer, about what
-the reference's own gather costs.
+on the CPU backend `paged_attention_cpu`, runs on it unchanged. The extra cost is one gather of
+the step's blocks per layer, about what the reference's own gather costs.
 """
 from __future__ import annotations
 

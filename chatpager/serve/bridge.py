@@ -3,10 +3,10 @@
 Invariants:
 - The HTTP side only submits and aborts through the EngineLoop and reads its snapshot; it
   hears back on one channel subscribed for this server (`EngineLoop.subscribe`).
-- The channel's wake-up runs on the EngineLoop's reporting thread and only schedules `_dispatch` on the
-  asyncio loop (`call_soon_threadsafe`), at most one pending at a time; `_dispatch` hands
-  each event to its request group's queue. Outputs are cumulative, so a consumer that lags
-  behind reads the latest and loses nothing.
+- The channel's wake-up runs on the EngineLoop's reporting thread and only schedules
+  `_dispatch` on the asyncio loop (`call_soon_threadsafe`), at most one pending at a time;
+  `_dispatch` hands each event to its request group's queue. Outputs are cumulative, so a
+  consumer that lags behind reads the latest and loses nothing.
 - A request group (a request and its parallel samples "X.1", "X.2"...) has one queue from
   `open` until its stream is closed or its members have finished; closing a stream whose
   members have not all finished aborts them at once (the client has gone: its blocks are
