@@ -16,7 +16,7 @@ import random
 import tempfile
 
 from chatpager import LLM
-from chatpager.engine.beam_search import BeamSearchParams
+from chatpager.engine.sampling_params import BeamSearchParams
 
 
 def measure(llm: LLM, prompt: list[int], k: int, max_tokens: int) -> dict:
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     args = ap.parse_args()
     if args.model == "tiny":
-        from chatpager.engine.tiny_model import make_tiny_model
+        from chatpager.engine.model.tiny_model import make_tiny_model
         model = str(make_tiny_model(tempfile.mkdtemp(prefix="beam-blocks-")))
     else:
         model = None if args.model == "default" else args.model

@@ -33,10 +33,10 @@ choose_wait_policy()  # the OpenMP wait policy chat and serve get; before torch 
 import torch  # noqa: E402
 
 from chatpager import LLM, SamplingParams  # noqa: E402
-from chatpager.bench.workload import WorkloadSpec, build_workload  # noqa: E402
-from chatpager.engine.block_manager import BlockManager  # noqa: E402
-from chatpager.engine.block_pool import BlockPool  # noqa: E402
-from chatpager.engine.sequence import Sequence  # noqa: E402
+from chatpager.bench.workload import build_workload, WorkloadSpec  # noqa: E402
+from chatpager.engine.core.block_manager import BlockManager  # noqa: E402
+from chatpager.engine.core.block_pool import BlockPool  # noqa: E402
+from chatpager.engine.core.request import Sequence  # noqa: E402
 
 BLOCK_MANAGER_CALLS = ("end_step", "free", "allocate_slots", "match_prefix", "admit")
 IN_SCHEDULE = ("allocate_slots", "match_prefix", "admit")  # called from Scheduler.schedule

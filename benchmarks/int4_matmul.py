@@ -1,8 +1,9 @@
 """All layer matmuls of one SmolLM2-135M token, int4: torch's op against chatpager's VNNI kernel.
 
 30 layers x (qkv, o, gate_up, down) = 120 matmuls with distinct random Q4_1-like weights, so
-each pass streams them from memory as a decode step does (MACHINE.md: reusing one matrix
-measures cache). Per row count, the time of one pass (median of --reps), wall and process CPU:
+each pass streams them from memory as a decode step does (docs/ARCHITECTURE.md, "Measured
+facts": reusing one matrix measures cache). Per row count, the time of one pass (median of
+--reps), wall and process CPU:
 
     .venv/bin/python benchmarks/int4_matmul.py --rows 1 16 64 --threads 2
     aten_bf16   torch.ops.aten._weight_int4pack_mm_for_cpu, bf16 activations (its fast path),
@@ -23,8 +24,8 @@ choose_wait_policy()  # the OpenMP wait policy chat and serve get; before torch 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from chatpager.engine.gguf_weights import GroupedInt4  # noqa: E402
-from chatpager.engine.quantization import int4_linear  # noqa: E402
+from chatpager.engine.model.gguf_weights import GroupedInt4  # noqa: E402
+from chatpager.engine.model.quantization import int4_linear  # noqa: E402
 from chatpager.kernels import cpu_int4  # noqa: E402
 
 HIDDEN, INTERMEDIATE, LAYERS = 576, 1536, 30

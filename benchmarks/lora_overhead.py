@@ -22,7 +22,7 @@ choose_wait_policy()  # the OpenMP wait policy chat and serve get; before torch 
 import torch  # noqa: E402
 
 from chatpager import LLM, SamplingParams  # noqa: E402
-from chatpager.engine.loader import resolve_model_dir  # noqa: E402
+from chatpager.engine.model.loader import resolve_model_dir  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

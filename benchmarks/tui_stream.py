@@ -37,7 +37,7 @@ MESSAGE = "Write a long story about a robot who learns to paint."
 
 def run_alone(max_tokens: int, sessions: int) -> dict:
     from chatpager import LLM, SamplingParams
-    from chatpager.tui.prompts import load_prompts
+    from chatpager.prompts import load_prompts
 
     llm = LLM()
     messages = [{"role": "system", "content": load_prompts()["assistant"]},

@@ -18,8 +18,8 @@ import random
 import tempfile
 
 from chatpager import LLM, SamplingParams
-from chatpager.engine.block_manager import cdiv
-from chatpager.engine.tiny_model import make_tiny_model
+from chatpager.engine.core.block_manager import cdiv
+from chatpager.engine.model.tiny_model import make_tiny_model
 
 
 def run_turn(llm: LLM, prompt: list[int], max_tokens: int) -> dict:

@@ -1,5 +1,5 @@
 """chatpager: many concurrent LLM chats over one PagedAttention KV cache."""
-from chatpager.engine.sampling_params import SamplingParams
+from chatpager.engine.sampling_params import BeamSearchParams, SamplingParams
 
 
 def __getattr__(name: str):
@@ -8,10 +8,6 @@ def __getattr__(name: str):
         from chatpager.engine.llm import LLM
 
         return LLM
-    if name == "BeamSearchParams":
-        from chatpager.engine.beam_search import BeamSearchParams
-
-        return BeamSearchParams
     raise AttributeError(name)
 
 

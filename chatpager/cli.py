@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_model_arg(argv: list[str]) -> None:
     import argparse
 
-    from chatpager.engine.loader import check_model_source
+    from chatpager.engine.model.loader import check_model_source
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--model", default=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatpager.engine.tiny_model import make_tiny_model
+from chatpager.engine.model.tiny_model import make_tiny_model
 
 torch.set_num_threads(2)
 
@@ -57,17 +57,6 @@ def hf_reference():
         return models[path]
 
     return get
-
-
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
-    """transformers' greedy continuation of one unpadded prompt (generated tokens only)."""
-    ids = torch.tensor([prompt_ids])
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
-    if ignore_eos:
-        kwargs.update(eos_token_id=None, min_new_tokens=max_new_tokens)
-    with torch.no_grad():
-        out = model.generate(ids, **kwargs)
-    return out[0, len(prompt_ids):].tolist()
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def test_the_wheel_carries_the_prompts_and_data_files(wheel):
 
 def test_an_installed_wheel_loads_its_prompts(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")  # what pip install puts in site-packages
-    probe = ("import chatpager.tui.prompts as p; prompts = p.load_prompts(); "
+    probe = ("import chatpager.prompts as p; prompts = p.load_prompts(); "
              "print(p.PROMPTS_DIR); print(len(prompts)); print(prompts['assistant'][:40])")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                             text=True, env={"PYTHONPATH": str(tmp_path / "site")}, check=True)

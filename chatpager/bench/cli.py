@@ -127,7 +127,7 @@ def _write_json(report: dict, path: Path, console) -> None:
 
 
 def _bench_server(args: argparse.Namespace, spec: WorkloadSpec, console) -> int:
-    from chatpager.serve.bench import print_http_report, run_http_bench
+    from chatpager.bench.http_runner import print_http_report, run_http_bench
 
     report = run_http_bench(args.server, spec, args.api_key)
     report["command"] = args.command
@@ -190,7 +190,7 @@ def run_bench(args: argparse.Namespace, spec: WorkloadSpec, console) -> dict:
         cp_run.settings["threads"] = torch.get_num_threads()
         serial = static = None
         if args.hf_serial_sessions or args.hf_static_sessions:
-            from chatpager.bench.transformers_runner import TransformersRunner, load_model
+            from chatpager.bench.transformers_runner import load_model, TransformersRunner
 
             task = bar.add_task("loading transformers", total=None)
             hf = TransformersRunner(load_model(llm.model_info["path"]), llm.tokenizer, llm.encode_chat,
@@ -222,7 +222,7 @@ def _run_llamacpp(args: argparse.Namespace, llm, sessions, spec: WorkloadSpec, b
     """llama.cpp serving every session one after another, or None (with the reason) when it cannot run."""
     import torch
 
-    from chatpager.bench.llamacpp_runner import LlamaCppRunner, llama_cpp_missing
+    from chatpager.bench.llamacpp_runner import llama_cpp_missing, LlamaCppRunner
 
     missing = llama_cpp_missing(args.model)
     if missing:

@@ -33,7 +33,7 @@ def llama_cpp_missing(model: str | None) -> str | None:
 
 
 def gguf_path(model: str | None) -> Path:
-    from chatpager.engine.loader import check_model_source
+    from chatpager.engine.model.loader import check_model_source
 
     return check_model_source(model)
 

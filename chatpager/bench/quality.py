@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import torch
 
-from chatpager.engine.attention import AttentionMetadata, select_backend
-from chatpager.engine.kv_cache import KVCache
-from chatpager.engine.kv_quant import resolve_kv_format
+from chatpager.engine.model.attention import AttentionMetadata, select_backend
+from chatpager.engine.model.kv_cache import KVCache
+from chatpager.engine.model.kv_quant import resolve_kv_format
 
 TEXT = Path(__file__).with_name("quality_text.txt")
 MESSAGES = Path(__file__).with_name("user_messages.txt")
@@ -57,7 +57,7 @@ def documents(tokenizer, path: Path = TEXT) -> list[list[int]]:
 @torch.inference_mode()
 def prefill_hidden(model, ids: Sequence[int], kv_cache_dtype: str = "auto") -> torch.Tensor:
     """The final hidden states [len(ids), hidden] of one sequence, run as a single prefill
-    through a KV cache of that format (`chatpager.engine.kv_quant`)."""
+    through a KV cache of that format (`chatpager.engine.model.kv_quant`)."""
     c = model.config
     n, dev = len(ids), model.embed.device
     blocks = -(-n // BLOCK)
@@ -107,7 +107,7 @@ def compare(candidate, reference, docs: list[list[int]], kv_cache_dtype: str = "
 def greedy_replies_equal(llm, kv_cache_dtype: str, max_tokens: int = 32) -> tuple[int, int]:
     """(equal, total): chat prompts of `user_messages.txt` whose greedy reply through a cache of
     `kv_cache_dtype` equals `llm`'s own in its first `max_tokens` tokens."""
-    from chatpager import SamplingParams
+    from chatpager.engine.sampling_params import SamplingParams
 
     prompts = [llm.encode_chat([{"role": "user", "content": m.strip()}])
                for m in MESSAGES.read_text().splitlines() if m.strip()]
@@ -116,7 +116,7 @@ def greedy_replies_equal(llm, kv_cache_dtype: str, max_tokens: int = 32) -> tupl
 
 
 def main() -> None:
-    from chatpager import LLM
+    from chatpager.engine.llm import LLM
 
     p = argparse.ArgumentParser(description="teacher-forced agreement and perplexity vs the fp32 reference")
     p.add_argument("--model", default=None)

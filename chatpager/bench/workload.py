@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatpager.tui.prompts import PROMPTS_DIR, load_prompts
+from chatpager.prompts import load_prompts, PROMPTS_DIR
 
 USER_MESSAGES = Path(__file__).with_name("user_messages.txt")
 Message = dict[str, str]

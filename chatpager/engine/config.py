@@ -3,7 +3,7 @@
 `ModelConfig` is read from a checkpoint's config.json without transformers (importing its config
 classes costs seconds at start-up). Keys a config.json may leave out take the defaults of
 transformers' config class for that model type (`_DEFAULTS`), so a config reads the same here
-as through `AutoConfig` (tests/test_model_config.py checks both on minimal files); the sizes
+as through `AutoConfig` (tests/engine/model/test_model_config.py checks both on minimal files); the sizes
 that define the network must be present.
 """
 from __future__ import annotations

@@ -11,9 +11,8 @@ import itertools
 from collections.abc import Container
 from dataclasses import replace
 
-from chatpager.engine.request_group import RequestGroup
+from chatpager.engine.core.request import RequestGroup, Sequence
 from chatpager.engine.sampling_params import SamplingParams
-from chatpager.engine.sequence import Sequence, Status
 from chatpager.errors import PromptTooLong, RequestError
 
 
@@ -108,17 +107,7 @@ class InputProcessor:
         params = replace(parent.params, n=1) if params is None else replace(params, lora=parent.params.lora)
         child = Sequence(child_id, parent.token_ids[:parent.num_prompt_tokens], params, parent.max_len,
                          parent_id=parent.request_id, cache_salt=parent.cache_salt)
-        continue_from(child, parent)
+        child.continue_from(parent)
         child.max_output_tokens = len(parent.output_token_ids) + params.max_tokens
         return child
 
-
-def continue_from(child: Sequence, parent: Sequence) -> None:
-    """Make `child` carry on from where `parent` is now (tokens, progress, text so far)."""
-    child.token_ids = list(parent.token_ids)
-    child.num_computed_tokens = parent.num_computed_tokens
-    child.num_cached_tokens = parent.num_cached_tokens
-    child.block_hashes = list(parent.block_hashes)
-    child.status = parent.status if parent.status is Status.RUNNING else Status.WAITING
-    child.admitted = parent.admitted
-    child.detok = parent.detok.copy()

@@ -10,22 +10,22 @@ from typing import Callable, Mapping, Sequence as Seq
 
 import torch
 
-from chatpager.engine.attention import select_backend
-from chatpager.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from chatpager.engine.config import EngineConfig, ModelConfig
-from chatpager.engine.kv_cache import KVCache
-from chatpager.engine.kv_quant import KVFormat, resolve_kv_format
+from chatpager.engine.decoding.beam_search import BeamSearchOutput
+from chatpager.engine.decoding.spec_decode import SpeculativeConfig
 from chatpager.engine.llm_engine import LLMEngine
-from chatpager.engine.loader import (eos_token_ids, load_int4_codes, load_model_config, load_state_dict,
-                                     load_tokenizer, resolve_model_dir)
-from chatpager.engine.lora import load_adapters
-from chatpager.engine.lora_layers import LoraWeights
-from chatpager.engine.model import Model
-from chatpager.engine.model_runner import ModelRunner
+from chatpager.engine.model.attention import select_backend
+from chatpager.engine.model.decoder import Model
+from chatpager.engine.model.kv_cache import KVCache
+from chatpager.engine.model.kv_quant import KVFormat, resolve_kv_format
+from chatpager.engine.model.loader import (eos_token_ids, load_int4_codes, load_model_config, load_state_dict,
+                                           load_tokenizer, resolve_model_dir)
+from chatpager.engine.model.lora import load_adapters
+from chatpager.engine.model.lora_layers import LoraWeights
+from chatpager.engine.model.quantization import check_quantization, resolve_quantization
+from chatpager.engine.model.runner import ModelRunner
 from chatpager.engine.outputs import RequestOutput, Sample
-from chatpager.engine.quantization import check_quantization, resolve_quantization
-from chatpager.engine.sampling_params import SamplingParams
-from chatpager.engine.spec_decode import SpeculativeConfig
+from chatpager.engine.sampling_params import BeamSearchParams, SamplingParams
 from chatpager.errors import ModelLoadError
 
 CPU_KV_CACHE_BYTES = 256 * 2**20
@@ -108,15 +108,15 @@ class LLM:
                  num_speculative_tokens: int = 4, prompt_lookup_max: int = 4, prompt_lookup_min: int = 2,
                  lora_adapters: Mapping[str, str | os.PathLike] | None = None, max_loras: int = 4,
                  progress: Callable[[str, float | None], None] | None = None) -> None:
-        """`quantization`: "auto", "none", "int8" or "int4" (`chatpager.engine.quantization`);
+        """`quantization`: "auto", "none", "int8" or "int4" (`chatpager.engine.model.quantization`);
         "auto" runs a GGUF's own 4-bit weights on CPU and everything else unquantized.
         `kv_cache_dtype`: "auto" (the model's dtype), "float32", "bfloat16", "float16", "fp8" or
-        "int8" (`chatpager.engine.kv_quant`).
-        `speculative="ngram"`: prompt-lookup speculative decoding (`chatpager.engine.spec_decode`),
+        "int8" (`chatpager.engine.model.kv_quant`).
+        `speculative="ngram"`: prompt-lookup speculative decoding (`chatpager.engine.decoding.spec_decode`),
         up to `num_speculative_tokens` proposed per step from an earlier occurrence of the last
         `prompt_lookup_max` .. `prompt_lookup_min` tokens.
         `lora_adapters`: {name: PEFT adapter directory}, at most `max_loras`, all kept loaded;
-        a request picks one with `SamplingParams(lora=name)` (`chatpager.engine.lora`)."""
+        a request picks one with `SamplingParams(lora=name)` (`chatpager.engine.model.lora`)."""
         spec = None if speculative in (None, "none") else SpeculativeConfig(
             speculative, num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)
         config = EngineConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from dataclasses import replace
 
-from chatpager.engine.beam_search import BeamSearcher, BeamSearchParams
-from chatpager.engine.block_manager import BlockManager
-from chatpager.engine.block_pool import BlockPool
 from chatpager.engine.config import EngineConfig
-from chatpager.engine.input_processor import InputProcessor, continue_from
-from chatpager.engine.kv_cache import KVCache
-from chatpager.engine.model_runner import ModelRunner
+from chatpager.engine.core.block_manager import BlockManager
+from chatpager.engine.core.block_pool import BlockPool
+from chatpager.engine.core.request import Sequence, Status
+from chatpager.engine.core.scheduler import ScheduledBatch, Scheduler
+from chatpager.engine.decoding.beam_search import BeamSearcher
+from chatpager.engine.decoding.sampler import generator_for, sample_batch
+from chatpager.engine.decoding.spec_decode import SpecDecoder, SpeculativeConfig
+from chatpager.engine.input_processor import InputProcessor
+from chatpager.engine.model.kv_cache import KVCache
+from chatpager.engine.model.runner import ModelRunner
 from chatpager.engine.output_processor import OutputProcessor
 from chatpager.engine.outputs import CacheSnapshot, RequestOutput
-from chatpager.engine.sampler import sample_batch
-from chatpager.engine.sampling_params import SamplingParams
-from chatpager.engine.scheduler import ScheduledBatch, Scheduler
-from chatpager.engine.sequence import Sequence, Status
-from chatpager.engine.spec_decode import SpecDecoder, SpeculativeConfig
-from chatpager.engine.stats import DecodeRate, cache_snapshot, engine_stats
+from chatpager.engine.sampling_params import BeamSearchParams, SamplingParams
+from chatpager.engine.stats import cache_snapshot, DecodeRate, engine_stats
 from chatpager.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ class LLMEngine:
         self.step_count = 0
         self.decode_rate = DecodeRate()
         self.recent_cow: deque[tuple[int, int]] = deque(maxlen=32)
-        self.beams = BeamSearcher(self)  # beam groups: advanced from their logits, not sampled
-        self.spec = SpecDecoder(self, speculative)  # n-gram proposals, verified in the forward
+        host = DecodingHost(self)
+        self.beams = BeamSearcher(host)  # beam groups: advanced from their logits, not sampled
+        # n-gram proposals, verified in the forward; never for a beam's slots
+        self.spec = SpecDecoder(host, speculative, excluded=self.beams.owns)
 
     # --- requests ------------------------------------------------------------------------
     @property
@@ -109,7 +112,7 @@ class LLMEngine:
         return child.request_id
 
     def _attach(self, parent: Sequence, child: Sequence) -> None:
-        """Schedule a child that `continue_from` made a copy of `parent`: running beside it on
+        """Schedule a child that `Sequence.continue_from` made a copy of `parent`: running beside it on
         shared blocks if max_num_seqs leaves room, else queued to recompute (hitting the
         parent's cached blocks)."""
         if parent.status is Status.RUNNING and self.scheduler.has_room():
@@ -151,7 +154,7 @@ class LLMEngine:
         rows, searched = self.beams.take_rows(rows, logits)
         outputs.extend(searched)
         tokens = sample_batch(logits[[row for row, _ in rows]], [s.params for _, s in rows],
-                              [s.generator for _, s in rows]) if rows else []
+                              [generator_for(s) for _, s in rows]) if rows else []
         outputs.extend(self._emit(s, token) for (_, s), token in zip(rows, tokens))
         self.decode_rate.record(len(tokens) + sum(len(o.new_token_ids) for o in verified))
         return outputs
@@ -164,7 +167,7 @@ class LLMEngine:
             return [seq]
         samples = group.take_pending()
         for sample_seq in samples:
-            continue_from(sample_seq, seq)
+            sample_seq.continue_from(seq)
             self._attach(seq, sample_seq)
         return [*samples, seq]
 
@@ -202,3 +205,60 @@ class LLMEngine:
 
     def snapshot(self) -> CacheSnapshot:
         return cache_snapshot(self)
+
+
+class DecodingHost:
+    """The EngineHost (decoding/host.py) that an LLMEngine gives its decoders: the one way they
+    reach its requests, blocks and outputs."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self._engine = engine
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self._engine.eos_token_ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._engine.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def is_live(self, request_id: str) -> bool:
+        return request_id in self._engine.seqs
+
+    def make(self, prompt: str | list[int], params: SamplingParams, request_id: str | None,
+             cache_salt: str | None) -> Sequence:
+        eng = self._engine
+        (seq,) = eng.inputs.make_request(prompt, replace(params, n=1), request_id, cache_salt, eng.seqs)
+        return seq
+
+    def queue(self, seq: Sequence) -> None:
+        self._engine.seqs[seq.request_id] = seq
+        self._engine.scheduler.add(seq)
+
+    def attach(self, parent: Sequence, child: Sequence) -> None:
+        self._engine.seqs[child.request_id] = child
+        self._engine._attach(parent, child)
+
+    def rename(self, seq: Sequence, request_id: str) -> None:
+        seqs = self._engine.seqs
+        seqs.pop(seq.request_id, None)
+        seq.request_id = request_id
+        seqs[request_id] = seq
+
+    def release(self, seq: Sequence, reason: str | None = None) -> None:
+        seq.status = Status.FINISHED
+        if reason is not None:
+            seq.finish_reason = reason
+        self._engine.block_manager.free(seq)
+        self._engine.seqs.pop(seq.request_id, None)
+
+    def rollback(self, seq: Sequence, num_tokens: int) -> None:
+        self._engine.block_manager.rollback(seq, num_tokens)
+
+    def append_token(self, seq: Sequence, token: int) -> str | None:
+        return self._engine.outputs.append_token(seq, token)
+
+    def output(self, seq: Sequence, new_token_ids: list[int]) -> RequestOutput:
+        return self._engine.outputs.output(seq, new_token_ids)
+
+    def end(self, seq: Sequence, reason: str, new_token_ids: list[int]) -> RequestOutput:
+        return self._engine._end(seq, reason, new=new_token_ids)

@@ -7,8 +7,8 @@ text, and a match cuts the text at the earliest stop string. Touches no blocks a
 """
 from __future__ import annotations
 
+from chatpager.engine.core.request import Sequence
 from chatpager.engine.outputs import RequestOutput
-from chatpager.engine.sequence import Sequence
 
 
 class OutputProcessor:

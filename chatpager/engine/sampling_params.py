@@ -1,4 +1,5 @@
-"""How one request samples: validated once, at construction."""
+"""How one request picks its tokens: SamplingParams (sampling) or BeamSearchParams (beam search,
+decoding/beam_search.py). Plain records, validated once, at construction; no torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,3 +36,24 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True, slots=True)
+class BeamSearchParams:
+    """`early_stopping`: True (stop once `beam_width` hypotheses are finished), False (stop when
+    the best running beam, scored at its current length, cannot beat the worst finished one)
+    or "never" (same, scored at `max_tokens` when length_penalty > 0) — transformers' meanings."""
+
+    beam_width: int = 4
+    max_tokens: int = 64
+    length_penalty: float = 1.0
+    ignore_eos: bool = False
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")

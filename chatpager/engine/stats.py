@@ -1,17 +1,21 @@
 """Observation: the counters a user reads (`LLMEngine.stats`) and the immutable CacheSnapshot
-the UI draws. Read-only over the engine's objects; the decode rate is the one piece of state
-kept here, a sliding window of (time, tokens) per step.
+the UI draws. Read-only over what an engine shows of itself (`Observed`, which LLMEngine
+satisfies: stats never import the engine); the decode rate is the one piece of state kept here,
+a sliding window of (time, tokens) per step.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
+from chatpager.engine.config import EngineConfig
+from chatpager.engine.core.block_manager import BlockManager
+from chatpager.engine.core.block_pool import BlockPool
+from chatpager.engine.core.request import Sequence
+from chatpager.engine.core.scheduler import Scheduler
 from chatpager.engine.outputs import CacheSnapshot, SequenceView
-
-if TYPE_CHECKING:
-    from chatpager.engine.llm_engine import LLMEngine
 
 RATE_WINDOW_S = 2.0  # decode tokens/s is averaged over this many recent seconds
 
@@ -35,7 +39,25 @@ class DecodeRate:
         return sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
 
 
-def engine_stats(engine: LLMEngine) -> dict:
+class _Counted(Protocol):
+    def stats(self) -> dict: ...
+
+
+class Observed(Protocol):
+    """What the counters and snapshots read of an engine."""
+
+    config: EngineConfig
+    pool: BlockPool
+    block_manager: BlockManager
+    scheduler: Scheduler
+    seqs: Mapping[str, Sequence]
+    step_count: int
+    decode_rate: DecodeRate
+    recent_cow: Iterable[tuple[int, int]]
+    spec: _Counted  # speculation's counters
+
+
+def engine_stats(engine: Observed) -> dict:
     pool, bm, sched, bs = engine.pool, engine.block_manager, engine.scheduler, engine.config.block_size
     live = [s for s in engine.seqs.values() if s.blocks]
     filled: dict[int, int] = {}
@@ -73,7 +95,7 @@ def engine_stats(engine: LLMEngine) -> dict:
     }
 
 
-def cache_snapshot(engine: LLMEngine) -> CacheSnapshot:
+def cache_snapshot(engine: Observed) -> CacheSnapshot:
     views = tuple(
         SequenceView(
             request_id=s.request_id, status=s.status.value, num_prompt_tokens=s.num_prompt_tokens,

@@ -34,7 +34,7 @@ pairs, up to 6x a token's RMS) that set each token's range and so every other ch
 in the rotated basis every channel carries a share of them and the range shrinks about 2x (crest
 factor ~5 -> ~2.4, what 64 Gaussian values have). q . k = (q R) . (k R), and attention over
 rotated values returns the rotated output, rotated back once: out = (sum_j p_j v_j R) R. The
-backend (`chatpager.engine.attention`) rotates q, k, v before the kernels and the output after,
+backend (`chatpager.engine.model.attention`) rotates q, k, v before the kernels and the output after,
 so both backends share it and the kernels' contract stays "codes of the vectors given".
 Measured on SmolLM2-135M (`python -m chatpager.bench.quality --kv-cache-dtype int8`): K's
 relative RMS error 0.77 % -> 0.50 %; teacher-forced agreement 99.01 % -> 99.27 %, perplexity
@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from chatpager.kernels.paged_attention_cpu import CpuAttentionPlan, paged_attention_cpu, plan_cpu_attention
-from chatpager.kernels.paged_attention_torch import TorchAttentionPlan, paged_attention_torch, plan_paged_attention
+from chatpager.kernels.paged_attention_torch import paged_attention_torch, plan_paged_attention, TorchAttentionPlan
 
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # largest code of each storage dtype
 MIN_SCALE = 1e-12  # a constant head (max == min) gets this scale, not a division by zero

@@ -10,14 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from chatpager.engine.loop import EngineLoop
+from chatpager.engine.loop.client import EngineLoop
 from chatpager.serve.auth import Tenant, tenant_dependency
 from chatpager.serve.bridge import EngineBridge
 from chatpager.serve.config import ServeConfig
 from chatpager.serve.errors import error_body, install_error_handlers
 from chatpager.serve.metrics import ServerMetrics
 from chatpager.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from chatpager.serve.serving import ServeContext, json_response
+from chatpager.serve.serving import json_response, ServeContext
 from chatpager.serve.serving_chat import create_chat_completion
 from chatpager.serve.serving_completions import create_completion
 

@@ -20,7 +20,7 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
-from chatpager.engine.loop import Channel, EngineFailed, EngineLoop, Event, Prompt, Rejected
+from chatpager.engine.loop.client import Channel, EngineFailed, EngineLoop, Event, Prompt, Rejected
 from chatpager.engine.outputs import RequestOutput
 from chatpager.engine.sampling_params import SamplingParams
 

@@ -15,10 +15,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chatpager.engine_args import EngineArgs, add_engine_args
-from chatpager.engine.loop_protocol import ProgressFn
-from chatpager.serve.config import (DEFAULT_HOST, DEFAULT_PORT, SINGLE_KEY_TENANT, ServeConfig,
-                                    check_bind, load_api_keys)
+from chatpager.engine.loop.protocol import ProgressFn
+from chatpager.engine_args import add_engine_args, EngineArgs
+from chatpager.serve.config import check_bind, DEFAULT_HOST, DEFAULT_PORT, load_api_keys, ServeConfig, SINGLE_KEY_TENANT
 
 if TYPE_CHECKING:
     from chatpager.engine.llm import LLM
@@ -63,7 +62,7 @@ def parse_args(argv: list[str]) -> tuple[ServeConfig, EngineArgs]:
 
 def load_telling(kwargs: dict, progress: ProgressFn) -> LLM:
     """`load_llm`, each stage also told on stderr (the core's process writes to the terminal)."""
-    from chatpager.engine.loop_core import load_llm
+    from chatpager.engine.loop.core import load_llm
 
     def say(stage: str, fraction: float | None) -> None:
         percent = "" if fraction is None else f" {100 * fraction:.0f}%"
@@ -75,7 +74,7 @@ def load_telling(kwargs: dict, progress: ProgressFn) -> LLM:
 
 def main(argv: list[str]) -> int:
     config, engine_args = parse_args(argv)
-    from chatpager.engine.loop import EngineLoop
+    from chatpager.engine.loop.client import EngineLoop
     from chatpager.logs import configure_file_logging, default_log_path
     from chatpager.serve.server import make_server
 

@@ -12,9 +12,9 @@ import time
 
 import uvicorn
 
-from chatpager.engine.loop import EngineLoop
+from chatpager.engine.loop.client import EngineLoop
 from chatpager.serve.app import create_app
-from chatpager.serve.config import ServeConfig, check_bind
+from chatpager.serve.config import check_bind, ServeConfig
 
 GRACEFUL_SHUTDOWN_S = 1.0
 QUIET_LOGGING = {"version": 1, "disable_existing_loggers": False,  # nothing on the terminal

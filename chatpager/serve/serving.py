@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from chatpager.engine.loop import Accepted, EngineFailed, Event, Prompt, Rejected
+from chatpager.engine.loop.client import Accepted, EngineFailed, Event, Prompt, Rejected
 from chatpager.engine.outputs import RequestOutput
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.serve.auth import Tenant

@@ -16,18 +16,18 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from chatpager.engine.loop import EngineFailed, EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
-from chatpager.engine.loop_core import load_llm
+from chatpager.engine.loop.client import EngineFailed, EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
+from chatpager.engine.loop.core import load_llm
 from chatpager.errors import ChatpagerError
 from chatpager.logs import LOG_NAME
 from chatpager.omp_policy import threads_beside_a_front_end
+from chatpager.prompts import DEFAULT_PROMPT, load_prompts
 from chatpager.tui import slash
 from chatpager.tui.config import AppConfig
 from chatpager.tui.demo import Tour
-from chatpager.tui.export import FORMATS, export
+from chatpager.tui.export import export, FORMATS
 from chatpager.tui.messages import EngineActivity, PromptSubmitted, SessionSelected
-from chatpager.tui.prompts import DEFAULT_PROMPT, load_prompts
-from chatpager.tui.remote import RemoteTenants, connect_hint
+from chatpager.tui.remote import connect_hint, RemoteTenants
 from chatpager.tui.screens.confirm import ConfirmScreen
 from chatpager.tui.screens.help import HelpScreen
 from chatpager.tui.screens.main import MainScreen
@@ -37,11 +37,11 @@ from chatpager.tui.screens.rename import RenameScreen
 from chatpager.tui.screens.search import SearchResults
 from chatpager.tui.session import Session
 from chatpager.tui.session_info import describe, settings_text, to_copy
-from chatpager.tui.sessions import SETTINGS, Sessions, UserError
+from chatpager.tui.sessions import Sessions, SETTINGS, UserError
 from chatpager.tui.store import Store
-from chatpager.tui.widgets.cache_stats import runtime_label
-from chatpager.tui.swarm import Swarm, load_turns
+from chatpager.tui.swarm import load_turns, Swarm
 from chatpager.tui.turns import Turns
+from chatpager.tui.widgets.cache_stats import runtime_label
 from chatpager.tui.widgets.prompt_input import PromptInput
 
 DRAIN_INTERVAL = 0.1  # seconds: engine events are applied in batches at most this often

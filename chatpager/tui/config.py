@@ -9,8 +9,8 @@ import platformdirs
 
 from chatpager.engine.sampling_params import SamplingParams
 from chatpager.engine_args import EngineArgs
+from chatpager.prompts import PROMPTS_DIR
 from chatpager.serve.config import ServeConfig
-from chatpager.tui.prompts import PROMPTS_DIR
 
 DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=512)
 DEMO_NUM_BLOCKS = 96  # the pool of `chatpager --demo`: small enough to fill in a minute

@@ -11,11 +11,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from chatpager.engine.sampling_params import SamplingParams
-from chatpager.engine_args import EngineArgs, add_engine_args
+from chatpager.engine_args import add_engine_args, EngineArgs
+from chatpager.prompts import load_prompts, PROMPTS_DIR
 from chatpager.serve.cli import add_serve_args, serve_config
 from chatpager.serve.config import DEFAULT_PORT
-from chatpager.tui.config import DEFAULT_PARAMS, DEMO_NUM_BLOCKS, AppConfig, default_data_dir
-from chatpager.tui.prompts import PROMPTS_DIR, load_prompts
+from chatpager.tui.config import AppConfig, default_data_dir, DEFAULT_PARAMS, DEMO_NUM_BLOCKS
 
 
 def parse_args(argv: list[str]) -> AppConfig:
@@ -76,7 +76,7 @@ def _version() -> str:
 
 
 def main(argv: list[str]) -> int:
-    from chatpager.logs import LOG_NAME, configure_file_logging
+    from chatpager.logs import configure_file_logging, LOG_NAME
     from chatpager.tui.app import ChatpagerApp
 
     config = parse_args(argv)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from chatpager.engine.loop import Accepted
+from chatpager.engine.loop.client import Accepted
 from chatpager.serve.bridge import RemoteRequest
 from chatpager.tui.session import Message, Session
 from chatpager.tui.sessions import Sessions

@@ -22,11 +22,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from chatpager.engine.loop import EngineFailed, EngineLoop, Rejected
+from chatpager.engine.loop.client import EngineFailed, EngineLoop, Rejected
 from chatpager.engine.outputs import CacheSnapshot, RequestOutput
-from chatpager.engine.sampling_params import SamplingParams
-from chatpager.tui.session import GENERATING, IDLE, PREEMPTED, QUEUED, Message, Session
-from chatpager.tui.sessions import Sessions, UserError, require_idle
+from chatpager.engine.sampling_params import BeamSearchParams, SamplingParams
+from chatpager.tui.session import GENERATING, IDLE, Message, PREEMPTED, QUEUED, Session
+from chatpager.tui.sessions import require_idle, Sessions, UserError
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +85,6 @@ class Turns:
 
     def beam(self, session: Session, k: int) -> None:
         """Search for the last reply with `k` beams; the beams, best first, are the alternatives."""
-        from chatpager.engine.beam_search import BeamSearchParams  # torch loads with the engine
-
         if "lora" in session.settings:
             raise UserError(f"beam search runs on the base model only; {session.title} uses LoRA adapter "
                             f"{session.settings['lora']!r} (/lora none to leave it)")
