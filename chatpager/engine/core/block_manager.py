@@ -15,7 +15,7 @@ replaced by a fresh copy first. Full blocks are never written again, except by t
 that computes them, which a same-step hit shares (it expects exactly those K/V).
 Sliding window (W, the same for every layer; a model with any full-attention layer has none
 here): blocks wholly before the window of a sequence's next token are never read again, so
-each step releases them first (their table entries become null, see sequence.py; a cached
+each step releases them first (their table entries become null, see request.py; a cached
 one goes to the free queue, head first, and stays hittable; a shared one stays with its
 other holders). A sequence then holds at most cdiv(W - 1 + n, block_size) + 1 blocks in a
 step that computes n of its tokens: cdiv(W, block_size) + 1 while decoding, whatever its
