@@ -18,14 +18,13 @@ from textual.screen import Screen
 
 from chatpager.engine.loop.client import EngineFailed, EngineLoop, Loaded, LoadFailed, LoadProgress, ProgressFn
 from chatpager.engine.loop.core import load_llm
-from chatpager.errors import ChatpagerError
 from chatpager.logs import LOG_NAME
 from chatpager.omp_policy import threads_beside_a_front_end
 from chatpager.prompts import DEFAULT_PROMPT, load_prompts
-from chatpager.tui import slash
+from chatpager.tui import commands
 from chatpager.tui.config import AppConfig
 from chatpager.tui.demo import Tour
-from chatpager.tui.export import export, FORMATS
+from chatpager.tui.handlers import REGENERATE_ALTERNATIVES
 from chatpager.tui.messages import EngineActivity, PromptSubmitted, SessionSelected
 from chatpager.tui.remote import connect_hint, RemoteTenants
 from chatpager.tui.screens.confirm import ConfirmScreen
@@ -34,10 +33,8 @@ from chatpager.tui.screens.main import MainScreen
 from chatpager.tui.screens.pick_reply import PickReplyScreen
 from chatpager.tui.screens.prompt_picker import PromptPicker
 from chatpager.tui.screens.rename import RenameScreen
-from chatpager.tui.screens.search import SearchResults
 from chatpager.tui.session import Session
-from chatpager.tui.session_info import describe, settings_text, to_copy
-from chatpager.tui.sessions import Sessions, SETTINGS, UserError
+from chatpager.tui.sessions import Sessions, UserError
 from chatpager.tui.store import Store
 from chatpager.tui.swarm import load_turns, Swarm
 from chatpager.tui.turns import Turns
@@ -45,28 +42,6 @@ from chatpager.tui.widgets.cache_stats import runtime_label
 from chatpager.tui.widgets.prompt_input import PromptInput
 
 DRAIN_INTERVAL = 0.1  # seconds: engine events are applied in batches at most this often
-REGENERATE_ALTERNATIVES = 3  # what the regenerate key asks for; /regen n for any n
-MAX_ALTERNATIVES = 8
-DEMO_TENANTS = 8
-PALETTE = (  # slash commands offered in the command palette, beside /new and /system per prompt
-    ("/fork", "Fork this session at its last message"),
-    ("/stop", "Stop the reply being generated"),
-    ("/regen", "Regenerate the last reply"),
-    (f"/regen {REGENERATE_ALTERNATIVES}", "Regenerate the last reply as alternatives to pick from"),
-    ("/clear", "Clear this session's messages"),
-    ("/info", "This session's tokens, blocks and prefix-cache hits"),
-    ("/copy", "Copy the last reply to the clipboard"),
-    ("/copy code", "Copy the last code block to the clipboard"),
-    ("/set temperature 0", "Greedy replies in this session"),
-    ("/rename", "Rename this session"),
-    ("/delete", "Delete this session and its messages"),
-    ("/export md", "Write this session as Markdown (in the current folder)"),
-    ("/export json", "Write this session as JSON (in the current folder)"),
-    ("/demo", "Guided tour of paging: Space / → next step, Esc leaves"),
-    (f"/swarm {DEMO_TENANTS}", "Start simulated tenants: watch sharing, eviction and preemption"),
-    ("/swarm 0", "Stop every simulated tenant"),
-    ("/help", "Show keys and commands"),
-)
 
 
 class ChatpagerApp(App, inherit_bindings=False):
@@ -203,17 +178,17 @@ class ChatpagerApp(App, inherit_bindings=False):
         for event in events:
             if isinstance(event, LoadProgress):
                 percent = "" if event.fraction is None else f" {100 * event.fraction:.0f}%"
-                self._set_model_status(f"loading: {event.stage}{percent}")
+                self.set_model_status(f"loading: {event.stage}{percent}")
             elif isinstance(event, Loaded):
                 info = event.model_info
-                self._set_model_status(
+                self.set_model_status(
                     f"{info['name']} · {runtime_label(info)}"
                 )
             elif isinstance(event, LoadFailed):
-                self._set_model_status("failed to load")
+                self.set_model_status("failed to load")
                 self.notify(event.message, title="Model load failed", severity="error", timeout=15)
             elif isinstance(event, EngineFailed) and not self.engine.ready and self.engine.model_info:
-                self._set_model_status("engine stopped: /restart starts it again")  # given up, or its process died
+                self.set_model_status("engine stopped: /restart starts it again")  # given up, or its process died
         self.remote.apply(events, keep=self.current_id)  # before turns: outputs find their turn
         changes = self.turns.apply(events)
         for notice in changes.notices:
@@ -223,7 +198,7 @@ class ChatpagerApp(App, inherit_bindings=False):
         if self.current_id in changes.sessions:
             await self._show_chat()  # the sidebar follows on the next refresh
 
-    def _set_model_status(self, status: str) -> None:
+    def set_model_status(self, status: str) -> None:
         self.model_status = status
         self.sub_title = status
 
@@ -237,7 +212,7 @@ class ChatpagerApp(App, inherit_bindings=False):
             focus = self.tour.focus
             if focus is not None and focus is not self._tour_focus and focus.id in self.sessions:
                 self._tour_focus = focus  # follow the tour once per step, then the user's choice
-                self.call_later(self._switch_to, focus.id)
+                self.call_later(self.switch_to, focus.id)
         self.main.show_cache(snapshot, self.current, self.model_status, self.engine.model_info,
                              self.turns.contiguous_need(snapshot), demo)
         self._refresh_sidebar()
@@ -264,7 +239,7 @@ class ChatpagerApp(App, inherit_bindings=False):
             await self._attempt(lambda: self.turns.send(self.current, message.text))
 
     async def on_session_selected(self, message: SessionSelected) -> None:
-        await self._switch_to(message.session_id)
+        await self.switch_to(message.session_id)
         self.main.focus_input()
 
     async def _attempt(self, action: Callable[[], object]) -> None:
@@ -276,137 +251,13 @@ class ChatpagerApp(App, inherit_bindings=False):
         await self._show_current()
 
     async def run_slash(self, text: str) -> None:
+        """Run `/name argument` by the handler the command table names for it."""
         try:
-            command, argument = slash.parse(text)
-            await getattr(self, f"_slash_{command.name}")(argument)
+            command, argument = commands.parse(text)
+            await command.handler(self, argument)
         except (UserError, ValueError, OSError) as error:
             self.notify(str(error), severity="warning")
         await self._show_current()
-
-    async def _slash_new(self, argument: str) -> None:
-        if not argument:
-            self.action_new_session()
-            return
-        if argument not in self.prompts:
-            raise UserError(f"no prompt named {argument!r}; prompts: {', '.join(self.prompts)}")
-        await self._switch_to(self.sessions.create(argument).id)
-
-    async def _slash_fork(self, _: str) -> None:
-        await self.action_fork()
-
-    async def _slash_system(self, argument: str) -> None:
-        if not argument:
-            raise UserError(f"usage: /system <name|text>; prompts: {', '.join(self.prompts)}")
-        self.sessions.set_system(self.current, argument)
-        self.notify(f"System prompt: {self.current.prompt_name} (used from the next turn)")
-
-    async def _slash_regen(self, argument: str) -> None:
-        n = _count(argument, default=1)
-        if not 1 <= n <= MAX_ALTERNATIVES:
-            raise UserError(f"/regen takes 1 to {MAX_ALTERNATIVES} alternatives")
-        self.turns.regenerate(self.current, n)
-
-    async def _slash_beam(self, argument: str) -> None:
-        k = _count(argument, default=REGENERATE_ALTERNATIVES)
-        if not 2 <= k <= MAX_ALTERNATIVES:
-            raise UserError(f"/beam takes 2 to {MAX_ALTERNATIVES} beams")
-        self.turns.beam(self.current, k)
-
-    async def _slash_stop(self, _: str) -> None:
-        self.action_stop()
-
-    async def _slash_clear(self, _: str) -> None:
-        self.sessions.clear(self.current)
-
-    async def _slash_export(self, argument: str) -> None:
-        words = argument.split(maxsplit=1)
-        fmt = words.pop(0) if words and words[0] in FORMATS else "md"
-        session, path = self.current, Path(words[0]) if words else None
-        try:
-            self.notify(f"Exported to {export(session, fmt, path)}")
-        except FileExistsError:
-            def answered(replace: bool | None) -> None:
-                if replace:
-                    self.notify(f"Exported to {export(session, fmt, path, overwrite=True)}")
-
-            self.push_screen(ConfirmScreen(f"{path} exists. Replace it?"), answered)
-
-    async def _slash_set(self, argument: str) -> None:
-        session = self.current
-        name, _, value = argument.partition(" ")
-        if not value.strip():
-            current = settings_text(session) or "none (the command line's)"
-            raise UserError(f"usage: /set NAME VALUE, or /set NAME default; names: "
-                            f"{', '.join(SETTINGS)}. {session.title}'s settings: {current}")
-        self.sessions.set_setting(session, name, value.strip(), self.turns.params)
-        self.notify(f"{session.title}: {settings_text(session) or 'default settings'} "
-                    f"from the next turn")
-
-    async def _slash_lora(self, argument: str) -> None:
-        session, info = self.current, self.engine.model_info
-        if info is None:
-            raise UserError("the model is still loading")
-        loaded = info.get("lora_adapters", [])
-        current = session.settings.get("lora", "none (the base model)")
-        if not argument:
-            listed = ", ".join(loaded) or "none (start chatpager with --lora NAME=PATH)"
-            self.notify(f"LoRA adapters: {listed}. {session.title} uses: {current}")
-            return
-        if argument != "none" and argument not in loaded:
-            raise UserError(f"no LoRA adapter {argument!r}; loaded: {', '.join(loaded) or 'none'}")
-        self.sessions.set_lora(session, None if argument == "none" else argument)
-        self.notify(f"{session.title}: LoRA adapter {argument} from the next turn")
-
-    async def _slash_rename(self, argument: str) -> None:
-        if argument:
-            self.sessions.rename(self.current, argument)
-        else:
-            self.action_rename()
-
-    async def _slash_delete(self, _: str) -> None:
-        self.action_delete()
-
-    async def _slash_info(self, _: str) -> None:
-        self.notify(describe(self.current, self.engine.snapshot), title=self.current.title,
-                    timeout=20)
-
-    async def _slash_copy(self, argument: str) -> None:
-        what, text = to_copy(self.current, argument)
-        self.copy_to_clipboard(text)
-        self.notify(f"Copied {what} ({len(text)} characters) to the clipboard")
-
-    async def _slash_search(self, argument: str) -> None:
-        if not argument:
-            raise UserError("usage: /search TEXT")
-        found = self.sessions.search(argument)
-        if not found:
-            raise UserError(f"no session mentions {argument!r}")
-
-        async def chosen(session_id: str | None) -> None:
-            if session_id in self.sessions:
-                await self._switch_to(session_id)
-
-        self.push_screen(SearchResults(argument, found), chosen)
-
-    async def _slash_swarm(self, argument: str) -> None:
-        count = _count(argument, default=DEMO_TENANTS)
-        if count <= 0:
-            self.swarm.stop_all()
-            self.notify("Swarm stopped")
-            return
-        self.swarm.spawn(count)
-        self.notify(f"{count} tenants started: watch the block map")
-
-    async def _slash_demo(self, _: str) -> None:
-        self.start_tour()
-
-    async def _slash_restart(self, _: str) -> None:
-        try:
-            self.engine.restart()
-        except ChatpagerError as error:
-            raise UserError(str(error)) from None
-        self._set_model_status("loading…")
-        self.notify("Engine restarting: the model loads again, with an empty cache")
 
     # -- the guided demo --------------------------------------------------------------------------
     def start_tour(self) -> None:
@@ -427,24 +278,21 @@ class ChatpagerApp(App, inherit_bindings=False):
         self.tour, self._tour_focus = None, None
         if self.current_id not in self.sessions:
             ids = list(self.sessions)
-            await self._switch_to(ids[-1] if ids else self.sessions.create(self.default_prompt).id)
+            await self.switch_to(ids[-1] if ids else self.sessions.create(self.default_prompt).id)
         self._refresh_cache()
         self.main.focus_input()
-
-    async def _slash_help(self, _: str) -> None:
-        self.action_help()
 
     # -- actions ----------------------------------------------------------------------------------
     def action_new_session(self) -> None:
         async def chosen(name: str | None) -> None:
             if name:
-                await self._switch_to(self.sessions.create(name).id)
+                await self.switch_to(self.sessions.create(name).id)
 
         self.push_screen(PromptPicker(self.prompts), chosen)
 
     async def action_fork(self) -> None:
         fork = self.turns.fork(self.current)
-        await self._switch_to(fork.id)
+        await self.switch_to(fork.id)
         self.notify(f"Forked into {fork.title}: its next turn reuses the shared prefix blocks")
 
     def action_stop(self) -> None:
@@ -468,7 +316,7 @@ class ChatpagerApp(App, inherit_bindings=False):
     async def action_switch(self, offset: int) -> None:
         ids = list(self.sessions)
         index = (ids.index(self.current_id) + offset) % len(ids)
-        await self._switch_to(ids[index])
+        await self.switch_to(ids[index])
 
     def action_rename(self) -> None:
         session = self.current
@@ -493,7 +341,7 @@ class ChatpagerApp(App, inherit_bindings=False):
             self.turns.delete(session)
             ids.remove(session.id)
             target = ids[min(index, len(ids) - 1)] if ids else self.sessions.create(self.default_prompt).id
-            await self._switch_to(target)
+            await self.switch_to(target)
 
         self.push_screen(ConfirmScreen(f"Delete {session.title!r} and its messages?"), confirmed)
 
@@ -508,7 +356,7 @@ class ChatpagerApp(App, inherit_bindings=False):
     def help_sections(self) -> list[tuple[str, list[Binding]]]:
         return [("Keys", list(self.BINDINGS)), ("In the message input", list(PromptInput.BINDINGS))]
 
-    async def _switch_to(self, session_id: str) -> None:
+    async def switch_to(self, session_id: str) -> None:
         self.current_id = session_id
         await self._show_current()
         self._refresh_cache()
@@ -522,18 +370,6 @@ class ChatpagerApp(App, inherit_bindings=False):
     # -- command palette ----------------------------------------------------------------------
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
-        for text, help in PALETTE:
+        for text, help in commands.palette(list(self.prompts)):
             yield SystemCommand(text, help, partial(self.run_slash, text))
-        for name in self.prompts:
-            yield SystemCommand(f"/new {name}", f"New session with the {name} prompt",
-                                partial(self.run_slash, f"/new {name}"))
-            yield SystemCommand(f"/system {name}", f"Use the {name} prompt in this session",
-                                partial(self.run_slash, f"/system {name}"))
 
-
-def _count(argument: str, default: int) -> int:
-    if not argument:
-        return default
-    if not argument.isdigit():
-        raise UserError(f"expected a number, got {argument!r}")
-    return int(argument)

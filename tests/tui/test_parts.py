@@ -7,7 +7,7 @@ import pytest
 
 from chatpager.engine.outputs import CacheSnapshot
 from chatpager.prompts import DEFAULT_PROMPT, load_prompts
-from chatpager.tui import slash
+from chatpager.tui import commands
 from chatpager.tui.export import export
 from chatpager.tui.main import parse_args
 from chatpager.tui.session import Message, Session
@@ -53,16 +53,16 @@ def test_store_round_trips_sessions_in_creation_order(tmp_path):
 
 
 def test_slash_commands_parse_and_complete():
-    command, argument = slash.parse("/export json  out/chat.json ")
+    command, argument = commands.parse("/export json  out/chat.json ")
     assert command.name == "export" and argument == "json  out/chat.json"
     with pytest.raises(UserError, match="unknown command /nope"):
-        slash.parse("/nope")
-    assert [c.name for c in slash.matching("/s")] == ["system", "stop", "set", "search", "swarm"]
-    assert slash.matching("/stop now") == []
-    assert slash.suggest("/fo", []) == "rk "
-    assert slash.suggest("/s", []) == ""  # ambiguous
-    assert slash.suggest("/new tu", ["terse", "tutor"]) == "tor"
-    assert slash.suggest("/regen 2", ["terse"]) == ""
+        commands.parse("/nope")
+    assert [c.name for c in commands.matching("/s")] == ["system", "stop", "set", "search", "swarm"]
+    assert commands.matching("/stop now") == []
+    assert commands.suggest("/fo", []) == "rk "
+    assert commands.suggest("/s", []) == ""  # ambiguous
+    assert commands.suggest("/new tu", ["terse", "tutor"]) == "tor"
+    assert commands.suggest("/regen 2", ["terse"]) == ""
 
 
 def test_export_markdown_and_json(tmp_path):

@@ -11,7 +11,7 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from chatpager.tui import slash
+from chatpager.tui import commands
 
 
 class HelpScreen(ModalScreen[None]):
@@ -51,6 +51,6 @@ class HelpScreen(ModalScreen[None]):
                       title_justify="left", show_header=False, box=None)
         table.add_column(style="bold", width=26)
         table.add_column()
-        for command in slash.COMMANDS:
+        for command in commands.COMMANDS:
             table.add_row(Text(command.signature), Text(command.help))
         return table

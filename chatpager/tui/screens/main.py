@@ -2,11 +2,14 @@
 
 It only shows what it is given (sessions, the current session, a CacheSnapshot); the app
 decides what that is. It stays at the bottom of the screen stack, so the app can update it
-while a dialog is open.
+while a dialog is open. The hints and completion under the input come from the command table,
+through this screen: the widgets know no commands (widgets load no torch, and the table's
+handlers name the app).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -14,6 +17,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from chatpager.engine.outputs import CacheSnapshot
+from chatpager.tui import commands
 from chatpager.tui.messages import PromptSubmitted
 from chatpager.tui.session import Session
 from chatpager.tui.widgets.block_map import BlockMap
@@ -53,7 +57,7 @@ class MainScreen(Screen):
             with Vertical(id="chat"):
                 yield ChatView(id="chat-view")
                 yield SlashHints(id="slash-hints")
-                yield PromptInput(self.prompt_names, id="prompt")
+                yield PromptInput(partial(commands.suggest, prompt_names=self.prompt_names), id="prompt")
             with Vertical(id="cache"):
                 yield Static(id="demo-caption", markup=False)
                 yield Static("KV cache — block map", classes="panel-title")
@@ -122,7 +126,11 @@ class MainScreen(Screen):
             label.display = caption is not None
 
     def on_text_area_changed(self, event: PromptInput.Changed) -> None:
-        self.query_one(SlashHints).show_for(event.text_area.text)
+        self._show_hints(event.text_area.text)
 
     def on_prompt_submitted(self, _: PromptSubmitted) -> None:
-        self.query_one(SlashHints).show_for("")  # the message goes on to the app
+        self._show_hints("")  # the message goes on to the app
+
+    def _show_hints(self, text: str) -> None:
+        hints = [(command.signature, command.help) for command in commands.matching(text)]
+        self.query_one(SlashHints).show(hints)

@@ -1,17 +1,17 @@
 """The message input: multi-line; Enter sends, Ctrl+J (or Shift+Enter) starts a new line.
 
-While a slash command is typed, its completion shows as a suggestion that Tab (or the
-right arrow) accepts. ↑ in an empty input recalls what was sent before (↓ goes back); once
-the recalled text is edited, the arrows move the cursor again.
+What `completer` offers for the text typed so far (the screen's: the rest of a slash command
+or prompt name) shows as a suggestion that Tab (or the right arrow) accepts. ↑ in an empty
+input recalls what was sent before (↓ goes back); once the recalled text is edited, the arrows
+move the cursor again.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from textual.binding import Binding
 from textual.widgets import TextArea
 
-from chatpager.tui import slash
 from chatpager.tui.messages import PromptSubmitted
 
 
@@ -32,16 +32,16 @@ class PromptInput(TextArea):
                 tooltip="Complete a /command or prompt name; else move focus"),
     ]
 
-    def __init__(self, prompt_names: Sequence[str] = (), id: str | None = None) -> None:
+    def __init__(self, completer: Callable[[str], str] = lambda text: "", id: str | None = None) -> None:
         super().__init__(id=id, soft_wrap=True, show_line_numbers=False, compact=True)
-        self.prompt_names = list(prompt_names)
+        self.completer = completer  # what to add to the text typed so far; "" for nothing
         self.placeholder = "Message (Enter sends, ^j new line, ↑ recalls, / for commands)"
         self.sent: list[str] = []  # what was sent (messages and commands), oldest first
         self._recalled: int | None = None  # index into `sent` of the text shown, while unedited
 
     def update_suggestion(self) -> None:
         at_end = self.cursor_location == self.document.end
-        self.suggestion = slash.suggest(self.text, self.prompt_names) if at_end else ""
+        self.suggestion = self.completer(self.text) if at_end else ""
 
     # These are priority bindings, so they run before keys typed just ahead of them have
     # reached this widget (a fast typist, a terminal sending a burst): each one queues its
