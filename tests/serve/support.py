@@ -1,4 +1,5 @@
-"""Helpers for the server tests: a real server on an ephemeral loopback port, and clients."""
+"""Helpers for the server tests: a real server on an ephemeral loopback port, clients, and
+its engine held (`EngineLoop.hold`) where a test must see a state the engine would pass."""
 from __future__ import annotations
 
 import time
@@ -40,6 +41,23 @@ class Running:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
                 samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return samples
+
+    @contextmanager
+    def holding(self, steps: int = 0) -> Iterator[None]:
+        """Within the block the engine takes at most `steps` more steps, then holds; it is
+        released after the block whatever happens (the server is shared by a module's tests)."""
+        self.engine.hold(steps)
+        try:
+            yield
+        finally:
+            self.engine.release()
+
+    def step(self, steps: int = 0) -> int:
+        """Held: take `steps` more steps (none: just apply the commands made so far) and hold
+        again; the engine's step count then."""
+        self.engine.hold(steps)
+        wait_for(lambda: self.engine.held)
+        return self.engine.snapshot.stats["steps"]
 
     def wait_idle(self, timeout: float = 30.0) -> dict:
         """The engine's stats once no block is held by a sequence."""

@@ -1,8 +1,10 @@
 """A bounded load test: 32 concurrent streaming clients × 3 turns on a shared system prompt
-finish without error, leak no block, and show sharing in /metrics while they run."""
+finish without error, leak no block, and show sharing in /metrics while they run (the engine
+held until every first turn is in, then stepped until the prompts share blocks)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 
@@ -32,14 +34,25 @@ async def converse(client, model: str, k: int) -> list:
     return usages
 
 
-async def watch_sharing(url: str, peak: dict, stop: asyncio.Event) -> None:
+async def shared_blocks_once_stepped(srv) -> float:
+    """With the engine held: once every first turn is in, step it until the requests admitted
+    share their system prompt's blocks; /metrics's shared blocks then."""
+    engine = srv.engine
+    deadline = time.monotonic() + 60
+
+    async def until(condition) -> None:
+        while not condition():
+            assert time.monotonic() < deadline, "the engine did not share the system prompt's blocks"
+            await asyncio.sleep(0.005)
+
+    await until(lambda: len(engine.snapshot.sequences) == CLIENTS)  # a snapshot comes with each submit
+    while not engine.snapshot.stats["shared_blocks"]:
+        engine.hold(1)
+        await until(lambda: engine.held)
     async with httpx.AsyncClient() as http:
-        while not stop.is_set():
-            text = (await http.get(url)).text
-            for line in text.splitlines():
-                if line.startswith("chatpager:shared_blocks "):
-                    peak["shared"] = max(peak.get("shared", 0), float(line.split()[1]))
-            await asyncio.sleep(0.02)
+        text = (await http.get(srv.server.url + "/metrics")).text
+    [line] = [line for line in text.splitlines() if line.startswith("chatpager:shared_blocks ")]
+    return float(line.split()[1])
 
 
 def test_32_streaming_clients_x_3_turns(tiny_llama):
@@ -47,15 +60,16 @@ def test_32_streaming_clients_x_3_turns(tiny_llama):
         client = srv.async_client()
         model = srv.client().models.list().data[0].id
 
-        async def run() -> tuple[list, dict]:
-            stop, peak = asyncio.Event(), {}
-            watcher = asyncio.create_task(watch_sharing(srv.server.url + "/metrics", peak, stop))
-            results = await asyncio.gather(*(converse(client, model, k) for k in range(CLIENTS)))
-            stop.set()
-            await watcher
-            return results, peak
+        async def run() -> tuple[list, float]:
+            conversations = asyncio.gather(*(converse(client, model, k) for k in range(CLIENTS)))
+            try:
+                shared = await shared_blocks_once_stepped(srv)
+            finally:
+                srv.engine.release()
+            return await conversations, shared
 
-        results, peak = asyncio.run(run())
+        srv.engine.hold()
+        results, shared = asyncio.run(run())
         usages = [u for per_client in results for u in per_client]
         assert len(usages) == CLIENTS * TURNS and all(u.completion_tokens >= 1 for u in usages)
         hits = [[u.prompt_tokens_details.cached_tokens > 0 for u in per_client] for per_client in results]
@@ -66,6 +80,6 @@ def test_32_streaming_clients_x_3_turns(tiny_llama):
         assert stats["free_blocks"] == stats["num_blocks"]
         metrics = srv.metrics()
         assert metrics["chatpager:prefix_cache_hits_total"] > 0.5 * metrics["chatpager:prefix_cache_queries_total"]
-        assert peak["shared"] > 0  # concurrent requests held the system prompt's blocks together
+        assert shared > 0  # concurrent requests held the system prompt's blocks together
         assert metrics["chatpager:request_success_total{finished_reason=length}"] + \
             metrics.get("chatpager:request_success_total{finished_reason=stop}", 0) == CLIENTS * TURNS

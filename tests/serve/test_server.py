@@ -2,6 +2,8 @@
 the wire format, streaming, parallel samples, stop strings, token-id prompts, metrics."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 
@@ -113,18 +115,24 @@ def test_metrics_parse_and_their_counters_move(srv, client, served_model):
     before = srv.metrics()
     assert before["chatpager:kv_cache_usage_perc"] >= 0
     assert sum(before[f"chatpager:kv_blocks{{state={s}}}"] for s in ("used", "cached", "free")) == 64
-    # 16 tokens: the server hears of them in coalesced batches, and inter-token gaps exist only
-    # after its first batch (4 tokens of the tiny model once all arrived in one)
-    client.chat.completions.create(model=served_model, messages=CHAT, max_tokens=16,
-                                   extra_body={"ignore_eos": True})
+    # The server hears of tokens in coalesced batches, and times gaps only after its first: the
+    # engine holds after the prefill's token until the server has heard it alone.
+    ttft = "chatpager:time_to_first_token_seconds_count"
+    with ThreadPoolExecutor(1) as pool, srv.holding():  # released before the pool waits
+        reply = pool.submit(client.chat.completions.create, model=served_model, messages=CHAT,
+                            max_tokens=4, extra_body={"ignore_eos": True})
+        wait_for(lambda: srv.engine.snapshot.sequences)  # submitted, and held: not stepped
+        srv.step(1)  # the prefill, and its one token
+        wait_for(lambda: srv.metrics()[ttft] == before[ttft] + 1)
+    assert reply.result(timeout=30).usage.completion_tokens == 4
     after = wait_for(lambda: (m := srv.metrics())["chatpager:prefix_cache_queries_total"]
                      > before["chatpager:prefix_cache_queries_total"] and m)
-    assert after["chatpager:generation_tokens_total"] == before["chatpager:generation_tokens_total"] + 16
+    assert after["chatpager:generation_tokens_total"] == before["chatpager:generation_tokens_total"] + 4
     assert after["chatpager:prompt_tokens_total"] > before["chatpager:prompt_tokens_total"]
-    assert after["chatpager:time_to_first_token_seconds_count"] == \
-        before["chatpager:time_to_first_token_seconds_count"] + 1
-    assert after["chatpager:inter_token_latency_seconds_count"] > \
-        before["chatpager:inter_token_latency_seconds_count"]
+    assert after[ttft] == before[ttft] + 1
+    # one gap for each token after the first, however the last three were batched
+    assert after["chatpager:inter_token_latency_seconds_count"] == \
+        before["chatpager:inter_token_latency_seconds_count"] + 3
     assert after["chatpager:request_success_total{finished_reason=length}"] >= 1
     for name in ("num_requests_running", "num_requests_waiting", "num_preemptions_total",
                  "prefix_cache_hits_total", "evictions_total", "cow_copies_total", "sharing_ratio"):

@@ -1,5 +1,6 @@
-"""What the Pilot tests share: an app on a tiny model, running headless, typing into it, and
-waiting on a condition between Textual's message rounds."""
+"""What the Pilot tests share: an app on a tiny model, running headless, typing into it,
+waiting on a condition between Textual's message rounds, and holding the app's engine
+(`EngineLoop.hold`) so that a state lasting only as long as the engine takes stays to be seen."""
 from __future__ import annotations
 
 import io
@@ -25,15 +26,40 @@ from chatpager.tui.widgets.session_list import SessionList
 TIMEOUT_S = 90.0
 
 
-async def until(pilot, condition, timeout: float = TIMEOUT_S) -> None:
+async def until(pilot, condition, timeout: float = TIMEOUT_S, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
-        await pilot.pause(0.05)
+        await pilot.pause(interval)
+
+
+async def hold(pilot, steps: int = 0) -> None:
+    """Hold the app's engine after `steps` more steps; returns once it holds (the commands
+    sent before are applied, and its snapshot is the held one)."""
+    engine = pilot.app.engine
+    engine.hold(steps)
+    await until(pilot, lambda: engine.held, interval=0.005)
+
+
+async def step_until(pilot, condition, steps: int = 1, limit: int = 1000) -> None:
+    """Step the held engine `steps` at a time until `condition()`; it stays held there. With
+    `steps` shorter than the state it waits for, that state cannot be stepped over."""
+    for _ in range(0, limit, steps):
+        if condition():
+            return
+        await hold(pilot, steps)
+    assert condition(), f"condition not met in {limit} engine steps"
+
+
+def decoding(app: ChatpagerApp, *sessions) -> bool:
+    """The engine's snapshot has every one of `sessions` running, with tokens generated."""
+    views = {v.request_id: v for v in app.engine.snapshot.sequences}
+    return all((v := views.get(s.request_id)) is not None and v.status == "running"
+               and v.num_tokens > v.num_prompt_tokens for s in sessions)
 
 
 SIZE = (160, 45)
-SHORT = SamplingParams(temperature=0.8, max_tokens=6)
+SHORT = SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True)  # a random model may pick EOS first
 ENDLESS = SamplingParams(temperature=0.8, max_tokens=4000, ignore_eos=True)
 
 

@@ -11,21 +11,24 @@ from chatpager.tui.store import Store
 from chatpager.tui.widgets.chat_view import ChatView
 from chatpager.tui.widgets.prompt_input import PromptInput
 from chatpager.tui.widgets.session_list import SessionList
-from tests.tui.support import chat_texts, ENDLESS, loaded, make_app, plain, running, say, stats, stored_sessions, until
+from tests.tui.support import (chat_texts, ENDLESS, hold, loaded, make_app, plain, running, say, stats, step_until,
+                                stored_sessions, until)
 
 
 async def test_a_reply_streams_into_the_chat_and_is_stored(model, tmp_path):
     app = make_app(model, tmp_path, params=ENDLESS)
     async with running(app) as pilot:
         await loaded(pilot)
+        await hold(pilot)  # stepped by the test: the reply cannot end before it is stopped
         await say(pilot, "stream please")
         view = app.main.query_one(ChatView)
-        await until(pilot, lambda: len(view.reply_text) > 3)
+        await step_until(pilot, lambda: len(view.reply_text) > 3)
         seen = view.reply_text
-        await until(pilot, lambda: len(view.reply_text) > len(seen) + 3)
+        await step_until(pilot, lambda: len(view.reply_text) > len(seen) + 3)
         assert view.reply_text.startswith(seen)  # appended, not replaced
         assert app.current.state == "generating" and stats(app)["used_blocks"] > 0
         await pilot.press("escape")  # stop: keeps what was generated, frees the blocks
+        app.engine.release()  # the abort's output comes with the next step
         await until(pilot, lambda: not app.current.busy)
         reply = app.current.messages[-1]
         assert reply.role == "assistant" and reply.content.startswith(seen)
@@ -47,7 +50,9 @@ async def test_an_error_is_shown_as_plain_text(model, tmp_path):
 
 
 async def test_a_long_chat_drops_its_oldest_turns_and_keeps_going(model, tmp_path):
-    app = make_app(model, tmp_path, max_model_len=400)  # byte tokens: about 400 characters
+    # byte tokens: about 400 characters; no EOS, or a reply the random model ends at once is not stored
+    app = make_app(model, tmp_path, max_model_len=400, params=SamplingParams(temperature=0.8, max_tokens=6,
+                                                                              ignore_eos=True))
     async with running(app) as pilot:
         await say(pilot, "/system terse")
         for k in range(5):

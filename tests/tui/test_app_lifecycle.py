@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 
-
+from chatpager import SamplingParams
 from chatpager.tui.screens.rename import RenameScreen
 from chatpager.tui.store import Store
 from chatpager.tui.widgets.chat_message import ChatMessage
 from chatpager.tui.widgets.chat_view import ChatView
 from chatpager.tui.widgets.session_list import SessionList
-from tests.tui.support import chat_texts, ENDLESS, GatedApp, loaded, make_app, running, say, until
+from tests.tui.support import (chat_texts, decoding, ENDLESS, GatedApp, hold, loaded, make_app, running, say, step_until,
+                                until)
 
 
 async def test_ui_shows_before_the_model_and_queues_what_is_typed(model, tmp_path):
@@ -60,11 +61,13 @@ async def test_a_model_that_fails_to_load_is_reported(tmp_path):
 
 
 async def test_when_the_engine_process_dies_the_reply_ends_with_an_error_and_restart_brings_it_back(model, tmp_path):
-    app = make_app(model, tmp_path, engine_process=True, params=ENDLESS)  # the app's default: its own process
+    reply = SamplingParams(temperature=0.8, max_tokens=48, ignore_eos=True)
+    app = make_app(model, tmp_path, engine_process=True, params=reply)  # the app's default: its own process
     async with running(app) as pilot:
         await loaded(pilot)
+        await hold(pilot)
         await say(pilot, "tell me everything")
-        await until(pilot, lambda: app.current.reply)
+        await step_until(pilot, lambda: decoding(app, app.current))  # and held there: it cannot end before the kill
         os.kill(app.engine._host._process.pid, signal.SIGKILL)
         await until(pilot, lambda: app.current.error is not None and not app.current.busy)
         assert "engine process exited" in app.current.error
@@ -83,8 +86,10 @@ async def test_when_the_engine_process_dies_the_reply_ends_with_an_error_and_res
 async def test_quitting_keeps_the_reply_generated_so_far(model, tmp_path):
     app = make_app(model, tmp_path, params=ENDLESS)
     async with running(app) as pilot:
+        await hold(pilot)
         await say(pilot, "a long answer, please")
-        await until(pilot, lambda: len(app.current.reply) > 3)
+        await step_until(pilot, lambda: len(app.current.reply) > 3)
+        assert app.current.busy  # held: quitting comes mid-reply
         partial = app.current.reply
     stored = Store(tmp_path / "chatpager.sqlite3").load()[0]
     assert stored.messages[-1].role == "assistant"
@@ -98,8 +103,10 @@ async def test_a_reply_is_checkpointed_while_it_streams(model, tmp_path):
     (tmp_path / "killed").mkdir()
     app = make_app(model, tmp_path, params=ENDLESS)
     async with running(app) as pilot:
+        await hold(pilot)
         await say(pilot, "a long answer, please")
-        await until(pilot, lambda: sqlite3.connect(database).execute(
+        # a step at a time until the checkpoint (once a second) lands: the reply cannot end first
+        await step_until(pilot, lambda: sqlite3.connect(database).execute(
             "SELECT count(*) FROM messages WHERE status = 'streaming'").fetchone()[0] == 1)
         # the file as kill -9 would leave it now, taken as SQLite's backup (a consistent copy)
         with sqlite3.connect(tmp_path / "killed" / "chatpager.sqlite3") as killed:

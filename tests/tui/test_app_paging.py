@@ -5,44 +5,58 @@ from __future__ import annotations
 from chatpager import SamplingParams
 from chatpager.tui.widgets.block_map import BlockMap
 from chatpager.tui.widgets.session_list import SessionList
-from tests.tui.support import ENDLESS, GatedApp, loaded, make_app, plain, running, say, stats, until
+from tests.tui.support import (decoding, ENDLESS, GatedApp, hold, loaded, make_app, plain, running, say, stats,
+                                step_until, until)
+
+# no EOS (a reply that ends at its first token is never seen generating); short, to end soon once released
+REPLY = SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True)
 
 
 async def test_two_sessions_generate_at_the_same_time(model, tmp_path):
-    # longer than ENDLESS: the tiny model decodes its 4000 tokens (~1,500 tok/s with the C attention)
-    # before a busy screen lets the two starts be seen together
-    app = make_app(model, tmp_path, params=SamplingParams(temperature=0.8, max_tokens=12000, ignore_eos=True))
+    app = make_app(model, tmp_path, params=REPLY)
     async with running(app) as pilot:
         await loaded(pilot)
+        await hold(pilot)  # the engine steps only when told: neither reply can end while we look
         await say(pilot, "first")
+        first = app.current
+        await step_until(pilot, lambda: decoding(app, first))  # prefilled: its blocks are cached
         await say(pilot, "/new tutor")
         await say(pilot, "second")
-        first, second = app.sessions.values()
+        second = app.current
+        assert second.state == "queued"
+        await step_until(pilot, lambda: decoding(app, second))
+        assert decoding(app, first, second) and stats(app)["running"] == 2
         await until(pilot, lambda: first.state == second.state == "generating")
-        assert stats(app)["running"] == 2
         # both prompts start with the house style: the second one's prefill hit the cache
         assert second.cached_tokens > 1000
         assert "generating" in str(app.main.query_one(SessionList).options[0].prompt)
-        for session in (first, second):
-            app.turns.stop(session)
+        app.engine.release()
         await until(pilot, lambda: not first.busy and not second.busy)
+        assert [m.role for m in second.messages] == ["user", "assistant"]
+
+
+def preempted(app) -> bool:
+    """A sequence waits in the engine with tokens generated: it was preempted."""
+    return any(v.status != "running" and v.num_tokens > v.num_prompt_tokens for v in app.engine.snapshot.sequences)
 
 
 async def test_a_full_pool_preempts_and_the_session_shows_it(model, tmp_path):
-    # 48 blocks of 16: 768 tokens in all. The preempted session waits while the other grows to the
-    # pool's size: with 12 blocks that took ~0.1 s at the tiny model's ~1,500 tok/s (C attention),
-    # shorter than the sidebar's refresh often enough to fail 1 run in 2
-    app = make_app(model, tmp_path, app_class=GatedApp, num_blocks=48, params=ENDLESS)
+    # 12 blocks of 16: once the two replies have outgrown them, the newer one waits while the
+    # other grows to the pool's size (tens of steps; the hold keeps it there to be seen)
+    app = make_app(model, tmp_path, num_blocks=12, params=ENDLESS)
     async with running(app) as pilot:
+        await loaded(pilot)
+        await hold(pilot)
         await say(pilot, "/system terse")
         await say(pilot, "one")
         await say(pilot, "/new terse")
         await say(pilot, "two")
-        app.release.set()  # both start together, and outgrow the pool together
+        await step_until(pilot, lambda: preempted(app), steps=4)
+        assert stats(app)["preemptions"] > 0 and stats(app)["running"] == 1
         sidebar = app.main.query_one(SessionList)
-        await until(pilot, lambda: "preempted" in str(sidebar.options[0].prompt)
-                    + str(sidebar.options[1].prompt), timeout=120)
-        assert stats(app)["preemptions"] > 0
+        await until(pilot, lambda: [s.state for s in app.sessions.values()].count("preempted") == 1)
+        assert "preempted" in str(sidebar.options[0].prompt) + str(sidebar.options[1].prompt)
+        app.engine.release()
         # each reply ends at the pool's size ("length"); neither request failed
         await until(pilot, lambda: not any(s.busy for s in app.sessions.values()))
         assert all(s.error is None and s.messages[-1].role == "assistant"
@@ -53,18 +67,22 @@ async def test_fork_while_streaming_shares_blocks(model, tmp_path):
     app = make_app(model, tmp_path, params=ENDLESS)
     async with running(app) as pilot:
         await loaded(pilot)
+        await hold(pilot)
         await say(pilot, "branch me")
-        await until(pilot, lambda: app.current.state == "generating")
-        assert stats(app)["shared_blocks"] == 0
         source = app.current
+        await step_until(pilot, lambda: decoding(app, source) and source.reply)
+        await until(pilot, lambda: source.state == "generating")
+        assert stats(app)["shared_blocks"] == 0
         await pilot.press("ctrl+f")
         fork = app.current
         assert fork is not source and fork.title == "Chat 1 (fork)"
         assert [m.content for m in fork.messages] == ["branch me"]
-        await until(pilot, lambda: stats(app)["shared_blocks"] > 0)
-        assert stats(app)["sharing_ratio"] > 1
+        await hold(pilot)  # the fork is applied, not stepped: every block is shared
+        assert stats(app)["shared_blocks"] > 0 and stats(app)["sharing_ratio"] > 1
         branched_at = fork.reply
-        await until(pilot, lambda: len(fork.reply) > len(branched_at))  # it continues on its own
+        assert branched_at == source.reply
+        await step_until(pilot, lambda: len(fork.reply) > len(branched_at))  # it continues on its own
+        app.engine.release()
         await pilot.press("escape")
         await pilot.press("ctrl+up")
         await pilot.press("escape")
@@ -81,13 +99,22 @@ async def test_swarm_tenants_share_prefixes_and_can_be_stopped(model, tmp_path):
         assert [t.title for t in tenants] == ["tenant 1", "tenant 2", "tenant 3"]
         assert len(app.main.query_one(SessionList).options) == 4
         assert {t.state for t in tenants} == {"queued"}
+        app.engine.hold()  # after their submits: held once the model has loaded and taken them
         app.release.set()
-        await until(pilot, lambda: app.engine.snapshot and stats(app)["running"] >= 2)
+        await until(pilot, lambda: app.engine.held)
         # tenants 1-3 use prompts that start with the same house style
-        await until(pilot, lambda: stats(app)["prefix_hit_tokens"] > 1000)
+        await step_until(pilot, lambda: stats(app)["running"] >= 2 and stats(app)["prefix_hit_tokens"] > 1000)
+        assert all(t.busy for t in tenants)  # held: every first reply is still going
         await say(pilot, "/swarm 0")
+        steps = stats(app)["steps"]
+        app.engine.release()
         await until(pilot, lambda: not any(t.busy for t in tenants))
         assert app.swarm.active == 0
+        # stopped, not finished: their aborts were all the engine did after the release, and
+        # no tenant's script sent a second turn
+        await until(pilot, lambda: not app.engine.snapshot.sequences)
+        assert stats(app)["steps"] <= steps + 1
+        assert all([m.role for m in t.messages].count("user") == 1 for t in tenants)
         assert not any(t.stored for t in tenants)  # simulated load is not the user's data
 
 

@@ -16,7 +16,7 @@ from chatpager.tui.screens.help import HelpScreen
 from chatpager.tui.widgets.block_map import BlockMap
 from chatpager.tui.widgets.prompt_input import PromptInput
 from chatpager.tui.widgets.session_list import SessionList
-from tests.tui.support import until
+from tests.tui.support import hold, step_until, until
 
 SYSTEM = {"role": "system", "content": "You are a remote tenant's assistant."}
 
@@ -57,17 +57,19 @@ async def test_a_remote_tenant_shows_in_the_sidebar_and_the_block_map(app):
         assert tenant.title == "⇄ 127.0.0.1" and tenant.prompt_name == model
         assert [m.content for m in tenant.messages] == ["First question?", first.choices[0].message.content]
 
-        # second turn, streamed and endless: the same session, its blocks in the block map
+        # second turn, streamed: the same session, its blocks in the block map. The engine is
+        # stepped by the test, then held: the reply goes on however long the looking takes
         messages += [{"role": "assistant", "content": first.choices[0].message.content},
                      {"role": "user", "content": "And a second one?"}]
+        await hold(pilot)
         stream = await client.chat.completions.create(model=model, messages=messages, stream=True,
                                                       max_tokens=4000, extra_body={"ignore_eos": True})
         await anext(stream)
-        await until(pilot, lambda: tenant.state == "generating")
+        await step_until(pilot, lambda: tenant.state == "generating")
         assert remote_sessions(app) == [tenant]  # one conversation, one session
         sidebar = app.main.query_one(SessionList)
         assert any("⇄ 127.0.0.1" in str(option.prompt) for option in sidebar.options)
-        await app._switch_to(tenant.id)
+        await app.switch_to(tenant.id)
         block_map = app.main.query_one(BlockMap)
         await until(pilot, lambda: block_map.focus_blocks)
         [view] = [v for v in block_map.snapshot.sequences if v.request_id == tenant.request_id]
@@ -86,6 +88,7 @@ async def test_a_remote_tenant_shows_in_the_sidebar_and_the_block_map(app):
         await pilot.press("escape")
 
         # the client goes away: its request is aborted, the session ends its turn
+        app.engine.release()
         await stream.close()
         await until(pilot, lambda: not tenant.busy and not app.engine.snapshot.sequences)
         assert tenant.messages[-1].role == "assistant"

@@ -1,11 +1,12 @@
 """EngineLoop: an LLM and its engine behind a command queue, for its clients (the TUI, the HTTP
-server) to drive from any thread. The engine itself runs in a core (`loop_core.EngineCore`)
-on a thread of this process, or in a process of its own (`process=True`, `loop_process`): the
-same commands, events and invariants either way.
+server) to drive from any thread. The engine itself runs in a core (`core.EngineCore`) on a
+thread of this process, or in a process of its own (`process=True`, `process.CoreProcess`):
+the same commands, events and invariants either way.
 
 Invariants:
 - Only the core touches the LLM (its construction included) and its engine; other threads
-  talk to it through `submit` / `abort` / `fork` / `close`, which only enqueue.
+  talk to it through `submit` / `abort` / `fork` / `hold` / `release` / `close`, which only
+  enqueue.
 - Commands are applied in the order they were made, between engine steps. Commands made
   before the model has loaded wait in the queue; if loading fails, each submit is answered
   with `Rejected`. The core steps while the engine has unfinished work and blocks on its
@@ -32,7 +33,12 @@ Invariants:
   process: it must only schedule work) after events are added to it; its reader drains with
   `drain()`.
 - `snapshot` is the latest CacheSnapshot: replaced at most every `snapshot_interval`
-  seconds while stepping, and whenever the engine has just gone idle or applied a command.
+  seconds while stepping, and whenever the engine has just gone idle or held, or applied a
+  command.
+- For tests and demos, `hold(steps)` stops the engine's steps after `steps` more, and
+  `release()` lets it run again (the core's invariants say what a held core does). `held` is
+  True from when the core holds for the latest `hold()` until `release()`; the `Held` that
+  tells it reaches no channel.
 """
 from __future__ import annotations
 
@@ -45,8 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from chatpager.engine.loop.core import CoreThread
-from chatpager.engine.loop.protocol import (Abort, Accepted, EngineFailed, Event, Fork, group_ids, Loaded, LoadFailed,
-                                            LoadProgress, ProgressFn, Prompt, Rejected, Submit)
+from chatpager.engine.loop.protocol import (Abort, Accepted, EngineFailed, Event, Fork, group_ids, Held, Hold, Loaded,
+                                            LoadFailed, LoadProgress, ProgressFn, Prompt, Rejected, Release, Submit)
 from chatpager.engine.outputs import CacheSnapshot, RequestOutput
 from chatpager.engine.sampling_params import BeamSearchParams, SamplingParams
 from chatpager.errors import ChatpagerError
@@ -100,7 +106,7 @@ class EngineLoop:
         """`load(progress)` builds the LLM; it runs in the core. `wake` makes the main channel
         (see the module docstring); without it, only subscribed channels get events.
         `process`: run the core in a process of its own (`load` must then pickle, e.g.
-        `functools.partial(loop_core.load_llm, kwargs)`); its log records are handled by this
+        `functools.partial(core.load_llm, kwargs)`); its log records are handled by this
         process's loggers, its stdout and stderr go to `output_path` if given."""
         self._main = Channel(wake) if wake is not None else None
         self._lock = threading.Lock()  # the routing records below: submitters' threads vs the core's reports
@@ -112,6 +118,10 @@ class EngineLoop:
         self.model_info: dict | None = None
         self._unusable: str | None = "the model is not loaded"  # why the core rejects submits
         self._settled = threading.Event()  # the model loaded, or will not
+        self._hold_lock = threading.Lock()  # a hold's serial and its command go out in one order
+        self._holds = itertools.count(1)
+        self._hold_asked: int | None = None  # the serial of the latest hold(), until release()
+        self._hold_reached = 0  # the serial of the latest Hold the core reports holding for
 
         def make_host() -> CoreThread | CoreProcess:
             report = _Reports(self)
@@ -175,6 +185,32 @@ class EngineLoop:
         if not self._host.send(Fork(request_id, new_request_id, params)):
             self._publish([Rejected(new_request_id, self._unusable or "", bad_request=False)])
 
+    def hold(self, steps: int = 0) -> None:
+        """For tests and demos, not for serving: let the core take at most `steps` more engine
+        steps, then hold. Held, it still applies and answers commands (submit, abort, fork) and
+        replaces `snapshot`, but generates nothing, so a state that lasts as long as the engine
+        takes stays put to be looked at. `held` says when it holds. While held, `hold(n)` takes
+        up to n more steps and holds again (a step: one prefill chunk, or one token, for every
+        running sequence). An abort's finished output waits for the next step, like any output."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        with self._hold_lock:
+            self._hold_asked = next(self._holds)
+            self._host.send(Hold(self._hold_asked, steps))
+
+    def release(self) -> None:
+        """End a hold: the core steps whenever there is work again."""
+        with self._hold_lock:
+            self._hold_asked = None
+            self._host.send(Release())
+
+    @property
+    def held(self) -> bool:
+        """The core holds for the latest `hold()`: every command before it is applied, its steps
+        are taken, and `snapshot` shows the engine as it stopped (and as later commands change
+        it). False once `release()` is called."""
+        return self._hold_asked is not None and self._hold_reached == self._hold_asked
+
     def restart(self) -> None:
         """Start a new core after this one stopped (its process died, or its engine was given
         up): it loads the model afresh, with an empty cache. Raises ChatpagerError while the
@@ -188,6 +224,8 @@ class EngineLoop:
             self._publish([EngineFailed("the engine restarted", dropped)])
         self.snapshot, self.model_info, self._unusable = None, None, "the model is not loaded"
         self._settled = threading.Event()
+        with self._hold_lock:
+            self._hold_asked = None  # a new core starts unheld
         self._host = self._make_host()
         self._host.start()
 
@@ -236,6 +274,9 @@ class EngineLoop:
                 if (owner := self._owners.pop(request_id, None)) is not None:
                     mine[owner].append(request_id)
             return [*self._to_main(event), *((o, EngineFailed(event.message, tuple(ids))) for o, ids in mine.items())]
+        if isinstance(event, Held):
+            self._hold_reached = event.serial
+            return []
         request_id = getattr(event, "request_id", None)
         if isinstance(event, Accepted):
             self._groups.pop(request_id, None)

@@ -1,17 +1,25 @@
 """The core of an EngineLoop: the loop that owns an LLM. It builds it, applies commands between
 steps, steps while there is work and reports what happens. Where it runs is its host's choice:
-a thread of the client's process, or a process of its own (`loop_process`).
+a thread of the client's process, or a process of its own (`process.CoreProcess`).
 
 Invariants:
 - Only the core touches the LLM, its construction included.
 - Commands are applied in the order they were made, between engine steps. Commands made
   before the model has loaded wait; if loading fails, each submit is answered with `Rejected`.
-- It steps while the engine has unfinished work and blocks on its commands otherwise.
+- It steps while the engine has unfinished work and no hold stops it, and blocks on its
+  commands otherwise.
+- A hold (for tests and demos): after `Hold(serial, steps)` it takes at most `steps` more engine
+  steps (counted as they are taken: without work it waits, budget intact), then holds. Held, it
+  applies commands and answers them as ever, but takes no step: a submit is accepted or
+  rejected and waits, a fork shares its blocks, an abort frees its blocks at once, yet every
+  output (an abort's finished one too) comes with a step. On reaching the hold it reports a
+  snapshot, then `Held(serial)`, once per Hold. `Release`, or a later Hold's budget, lets it
+  step again.
 - Every submit is answered first by `Accepted` or by `Rejected`; an accepted request then
   reports `RequestOutput`s until one is `finished` (or an `EngineFailed` names it).
 - `Report.state` is called before the `Loaded` / `LoadFailed` event it explains, and again
   when the engine is given up; `Report.snapshot` at most every `snapshot_interval` seconds
-  while stepping, and whenever the engine has just gone idle or applied a command.
+  while stepping, and whenever the engine has just gone idle or held, or applied a command.
 """
 from __future__ import annotations
 
@@ -22,7 +30,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from chatpager.engine.loop.protocol import (Abort, Accepted, Close, Command, EngineFailed, Event, Fork, group_ids,
-                                            Loaded, LoadFailed, LoadProgress, ProgressFn, Rejected, Submit)
+                                            Held, Hold, Loaded, LoadFailed, LoadProgress, ProgressFn, Rejected,
+                                            Release, Submit)
 from chatpager.engine.outputs import CacheSnapshot
 from chatpager.errors import ChatpagerError, PromptTooLong
 
@@ -61,27 +70,42 @@ class EngineCore:
         self._snapshot_interval = snapshot_interval
         self._unusable: str | None = "the model is not loaded"  # why submits are rejected
         self._live: set[str] = set()  # requests not yet finished
+        self._budget: int | None = None  # steps left before the hold; None: no hold
+        self._unanswered: int | None = None  # the Hold to answer with Held once its budget is spent
 
     def run(self) -> None:
         llm = self._load_llm()
         last_snapshot = time.monotonic()
         while True:
-            busy = llm is not None and llm.engine.has_unfinished()
-            commands = self._take_commands(block=not busy)
+            commands = self._take_commands(block=not self._may_step(llm))
             for command in commands:
                 if isinstance(command, Close):
                     return
                 self._apply(llm, command)
             if llm is None:
+                self._answer_hold()
                 continue
-            if llm.engine.has_unfinished() and not self._step(llm):
-                llm = None
-                continue
+            if self._may_step(llm):
+                if not self._step(llm):
+                    llm = None
+                    continue
+                if self._budget is not None:
+                    self._budget -= 1
             now = time.monotonic()
-            idle = not llm.engine.has_unfinished()
+            idle = not self._may_step(llm)  # no work, or held
             if idle or commands or now - last_snapshot >= self._snapshot_interval:
                 self._report.snapshot(llm.engine.snapshot())
                 last_snapshot = now
+            self._answer_hold()
+
+    def _may_step(self, llm: LLM | None) -> bool:
+        """Whether the engine has work and no hold stops it."""
+        return llm is not None and self._budget != 0 and llm.engine.has_unfinished()
+
+    def _answer_hold(self) -> None:
+        if self._budget == 0 and self._unanswered is not None:
+            self._report.events([Held(self._unanswered)])
+            self._unanswered = None
 
     def _take_commands(self, block: bool) -> list[Command]:
         commands = [self._commands.get()] if block else []
@@ -110,6 +134,12 @@ class EngineCore:
         return llm
 
     def _apply(self, llm: LLM | None, command: Command) -> None:
+        if isinstance(command, Hold):
+            self._budget, self._unanswered = command.steps, command.serial
+            return
+        if isinstance(command, Release):
+            self._budget = self._unanswered = None
+            return
         if isinstance(command, Abort):
             if llm is not None:
                 llm.engine.abort(command.request_id)  # a finished or unknown id is a no-op

@@ -7,7 +7,7 @@ Measured in BENCHMARKS.md ("The same chat in the TUI").
 
 How:
 - The core's process is started with "spawn", never "fork" (the client has threads running);
-  the loader is pickled to it (`loop_core.load_llm` with the LLM's arguments pickles).
+  the loader is pickled to it (`core.load_llm` with the LLM's arguments pickles).
 - One duplex pipe. Commands go down, read at once by a thread of the core's process into the
   core's queue, so a client never blocks on a sender's buffer while the model loads. The core's
   reports (events, state, snapshots) come up as one message each, in the order it made them,

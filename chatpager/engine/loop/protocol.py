@@ -63,7 +63,15 @@ class EngineFailed:
     request_ids: tuple[str, ...]
 
 
-Event = Union[LoadProgress, Loaded, LoadFailed, Accepted, Rejected, EngineFailed, RequestOutput]
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The core spent the step budget of hold `serial` and steps no more until told. It comes
+    after the snapshot of that moment; the client keeps it (no channel sees it)."""
+
+    serial: int
+
+
+Event = Union[LoadProgress, Loaded, LoadFailed, Accepted, Rejected, EngineFailed, Held, RequestOutput]
 
 
 # -- commands (client -> core) -------------------------------------------------------------------
@@ -89,11 +97,25 @@ class Fork:
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    """For tests and demos: take at most `steps` more engine steps, then hold (apply commands,
+    take no step) until the next `Hold` or `Release`; answered by `Held(serial)` once held."""
+
+    serial: int
+    steps: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """End a hold: step whenever there is work again."""
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Stop after the commands before this one."""
 
 
-Command = Union[Submit, Abort, Fork, Close]
+Command = Union[Submit, Abort, Fork, Hold, Release, Close]
 
 
 def group_ids(request_id: str, params: object) -> list[str]:

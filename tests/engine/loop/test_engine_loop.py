@@ -16,6 +16,7 @@ import torch
 from chatpager import SamplingParams
 from chatpager.engine.loop.client import Accepted, EngineFailed, EngineLoop, Loaded, LoadFailed, LoadProgress, Rejected
 from chatpager.engine.loop.core import load_llm
+from chatpager.engine.loop.protocol import Held
 from chatpager.engine.outputs import RequestOutput
 from chatpager.errors import ChatpagerError
 
@@ -42,6 +43,19 @@ class Collector:
 
     def finals(self) -> dict[str, RequestOutput]:
         return {e.request_id: e for e in self.events if isinstance(e, RequestOutput) and e.finished}
+
+    def latest(self, request_id: str) -> RequestOutput:
+        return [e for e in self.events if isinstance(e, RequestOutput) and e.request_id == request_id][-1]
+
+
+def hold(loop: EngineLoop, steps: int = 0, timeout: float = 30.0) -> int:
+    """`loop.hold(steps)`, waited on without draining; the engine's step count then."""
+    loop.hold(steps)
+    deadline = time.monotonic() + timeout
+    while not loop.held:
+        assert time.monotonic() < deadline, "the engine loop did not hold"
+        time.sleep(0.002)
+    return loop.snapshot.stats["steps"]
 
 
 def start_loop(model: str, process: bool) -> tuple[EngineLoop, Collector]:
@@ -84,12 +98,15 @@ def test_a_core_process_runs_on_the_threads_it_is_given(tiny_llama):
 
 def test_outputs_are_coalesced_per_request_and_cumulative(started):
     loop, collector = started
-    collector.pump(loop, lambda: loop.snapshot is not None)
+    hold(loop)
+    collector.events.extend(loop.drain())
     loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
-    time.sleep(0.5)  # let several steps run without draining
+    hold(loop, steps=5)  # five steps (the prefill's token, four more) run without draining
     pending = [e for e in loop.drain() if isinstance(e, RequestOutput)]
     assert len(pending) == 1  # one per request, however many steps ran
+    assert len(pending[0].token_ids) == 5 and len(pending[0].new_token_ids) == 1  # cumulative; the last step's
     collector.events.extend(pending)
+    loop.release()
     collector.pump(loop, lambda: "a" in collector.finals())
     final = collector.finals()["a"]
     assert final.text.startswith(pending[0].text) and len(final.token_ids) == 30
@@ -97,16 +114,54 @@ def test_outputs_are_coalesced_per_request_and_cumulative(started):
 
 def test_abort_frees_blocks_and_fork_shares_them(started):
     loop, collector = started
-    collector.pump(loop, lambda: loop.snapshot is not None)
+    hold(loop)
     loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
-    collector.pump(loop, lambda: any(isinstance(e, RequestOutput) for e in collector.events))
+    hold(loop, steps=2)  # "a" is prefilled and decoding: held, it cannot finish before the fork
     loop.fork("a", "b")
-    collector.pump(loop, lambda: loop.snapshot.stats["shared_blocks"] > 0)
+    hold(loop)
+    assert loop.snapshot.stats["shared_blocks"] > 0
     loop.abort("a")
     loop.abort("b")
+    loop.release()
     collector.pump(loop, lambda: {"a", "b"} <= set(collector.finals()))
     assert {o.finish_reason for o in collector.finals().values()} == {"abort"}
     collector.pump(loop, lambda: loop.snapshot.stats["used_blocks"] == 0)
+
+
+def test_a_held_core_answers_commands_but_takes_no_step_until_released(started):
+    loop, collector = started
+    with pytest.raises(ValueError):
+        loop.hold(-1)
+    loop.hold()  # before the model has loaded: it holds once loaded
+    collector.pump(loop, lambda: loop.held)
+    steps = loop.snapshot.stats["steps"]
+    loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    loop.submit("long", "x" * 2000, SamplingParams(max_tokens=4))
+    assert hold(loop) == steps  # a new hold: held once the commands before it are applied
+    collector.events.extend(loop.drain())
+    assert [type(e) for e in collector.events if getattr(e, "request_id", None)] == [Accepted, Rejected]
+    assert [(v.request_id, v.status) for v in loop.snapshot.sequences] == [("a", "waiting")]
+
+    assert hold(loop, steps=3) == steps + 3  # exactly three steps, then held again
+    collector.events.extend(loop.drain())
+    assert len(collector.latest("a").token_ids) == 3
+    loop.fork("a", "b")
+    assert hold(loop) == steps + 3
+    assert {v.request_id for v in loop.snapshot.sequences} == {"a", "b"}
+    assert loop.snapshot.stats["shared_blocks"] > 0  # the fork shares a's blocks at once
+    loop.abort("a")
+    assert hold(loop) == steps + 3
+    assert [v.request_id for v in loop.snapshot.sequences] == ["b"]  # its blocks freed at once...
+    collector.events.extend(loop.drain())
+    assert "a" not in collector.finals()  # ...its finished output comes with the next step
+
+    loop.release()
+    assert not loop.held
+    collector.pump(loop, lambda: {"a", "b"} <= set(collector.finals()))
+    a, b = collector.finals()["a"], collector.finals()["b"]
+    assert a.finish_reason == "abort" and len(a.token_ids) == 3
+    assert b.finish_reason == "length" and len(b.token_ids) == 3 + 8  # max_tokens counts from the fork
+    assert not any(isinstance(e, Held) for e in collector.events)  # the loop keeps Held to itself
 
 
 def test_bad_requests_are_rejected_and_the_loop_lives_on(started):
@@ -175,9 +230,10 @@ def test_when_the_core_process_dies_its_requests_fail_and_later_ones_are_rejecte
     loop, collector = start_loop(tiny_llama, process=True)
     mine = Collector()
     channel = loop.subscribe(mine.wake)
-    loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True), reply_to=channel)
-    loop.submit("b", CHAT, SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True))
-    collector.pump(loop, lambda: sum(isinstance(e, RequestOutput) for e in collector.events) >= 2)
+    loop.submit("a", CHAT, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), reply_to=channel)
+    loop.submit("b", CHAT, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    hold(loop, steps=2)  # both are decoding, and held they cannot finish before the kill
+    collector.pump(loop, lambda: {"a", "b"} <= {e.request_id for e in collector.events if isinstance(e, RequestOutput)})
     os.kill(loop._host._process.pid, signal.SIGKILL)
     collector.pump(loop, lambda: any(isinstance(e, EngineFailed) for e in collector.events))
     failed = next(e for e in collector.events if isinstance(e, EngineFailed))
