@@ -270,6 +270,8 @@ def test_requests_admitted_together_share_their_common_prefix_from_the_first_ste
 
 @pytest.mark.slow
 def test_default_model_chats_sent_together_share_the_system_prompt(default_llm, hf_reference):
+    # greedy equality with transformers: safe, the two best logits are >= 0.025 apart along these
+    # 8-token replies, the implementations' logits <= 6e-5 (AMD EPYC, 2026-12-04)
     llm = default_llm
     system = {"role": "system", "content": "You are a patient tutor. " * 20}
     convs = [[system, {"role": "user", "content": q}] for q in ("What is 2 + 2?", "Name a color.", "Say hi.")]

@@ -65,6 +65,9 @@ def test_the_cpu_default_is_the_c_kernel_where_it_builds_and_the_reference_elsew
 
 @pytest.mark.slow
 def test_default_model_chats_match_transformers(default_llm, hf_reference):
+    # Exact greedy equality with transformers is the oracle (the exact float32 path). Margins
+    # (AMD EPYC, 2026-12-04): along these replies the two best logits are >= 0.057 apart, the
+    # two implementations' logits <= 6e-5: rounding on another CPU cannot flip a token.
     llm = default_llm
     hf = hf_reference(llm.model_info["path"])
     system = {"role": "system", "content": "You are a concise, friendly assistant. Answer in one or two sentences."}
@@ -93,6 +96,7 @@ def test_default_model_chats_match_transformers(default_llm, hf_reference):
 
 @pytest.mark.slow
 def test_default_model_plain_prompts_match_transformers(default_llm, hf_reference):
+    # as above: the two best logits >= 0.14 apart along these 24-token continuations
     hf = hf_reference(default_llm.model_info["path"])
     prompts = ["The three laws of thermodynamics are", "def fibonacci(n):", "Once upon a time"]
     outs = default_llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY))

