@@ -7,13 +7,15 @@ per sequence, for each batch x context x block size that fits in GPU memory. Per
   kv_GB/s    K/V bytes the step must read / triton_ms
   bw_share   kv_GB/s / the device bandwidth measured in this run by a large device-to-device
              copy (bytes read + bytes written) / copy time
+  peak_share kv_GB/s / the GPU's datasheet memory bandwidth (PEAK_GBPS, or --peak-gbps)
   sdpa_ms    torch scaled_dot_product_attention on the same K/V laid out contiguously
              [batch, kv_heads, context, dim]; the 4 query heads of each KV head go in as 4
              query rows without a mask, which for a single decode token is exactly GQA
   vs_sdpa    sdpa_ms / triton_ms (> 1: the paged kernel is faster)
   max_err    max |triton - sdpa| over the outputs (a correctness check on the way)
 
-FlexAttention's paged attention is not measured (its paged API is experimental).
+FlexAttention's paged attention is not measured (its paged API is experimental). With --json
+the file is rewritten after every config, so a run cut short still leaves what it measured.
 
     python benchmarks/kernel_bench.py [--json PATH] [--batches 1 8] [--contexts 4096] ...
     python benchmarks/kernel_bench.py --device cpu --interpret --tiny   # smoke run, no GPU
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,13 +35,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from chatpager.kernels.triton_env import import_triton
+from chatpager.kernels.triton_env import import_triton, interpreting
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 TINY_HEADS, TINY_KV_HEADS, TINY_HEAD_DIM = 8, 2, 64
 COPY_BYTES = {"cuda": 2 * 2**30, "cpu": 64 * 2**20}
 L2_FLUSH_BYTES = 512 * 2**20  # well above any L2, and ~0.2 ms of writes to hide launch overhead
 MEMORY_HEADROOM = 0.9  # use at most this share of free GPU memory for one config's tensors
+# Datasheet memory bandwidth in GB/s by a piece of torch's device name, most specific first.
+PEAK_GBPS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0),
+             ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0),
+             ("L40S", 864.0), ("L4", 300.0))
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class Setup:
     num_splits: int | None  # None: the kernel's heuristic
     reps: int
     copy_gbps: float  # the device bandwidth every bw_share is relative to
+    peak_gbps: float | None  # the datasheet bandwidth every peak_share is relative to; None: unknown
     flush: torch.Tensor | None  # written before each timed call to evict K/V from L2
 
 
@@ -61,6 +70,7 @@ class Result:
     triton_ms: float
     kv_gbps: float
     bw_share: float
+    peak_share: float | None
     sdpa_ms: float | None
     vs_sdpa: float | None
     max_abs_err: float | None
@@ -76,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32])
     p.add_argument("--num-splits", type=int, default=None, help="force the split-KV count (default: heuristic)")
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="the GPU's datasheet memory bandwidth in GB/s (default: looked up by name in PEAK_GBPS)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.tiny:
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print("kernel_bench: --device cpu needs --interpret (Triton runs on CPU only under its interpreter)",
               file=sys.stderr)
         return 2
+    if args.interpret and compiled_kernels_loaded():
+        return rerun_interpreted(sys.argv[1:] if argv is None else argv)
     import_triton(interpret=args.interpret or None)  # before the kernels are imported
     device = torch.device(args.device)
     setup = Setup(
@@ -101,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         num_splits=args.num_splits,
         reps=args.reps,
         copy_gbps=copy_bandwidth_gbps(device),
+        peak_gbps=args.peak_gbps or datasheet_gbps(device_name(device)),
         flush=torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None,
     )
     results, skipped = [], []
@@ -109,16 +124,42 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batches:
                 result = bench_config(setup, batch, context, block_size)
                 (results if isinstance(result, Result) else skipped).append(result)
+                if args.json:
+                    write_json(args.json, setup, results, skipped)
 
-    print_table(results, skipped, device, setup.copy_gbps)
-    if args.json:
-        num_heads, num_kv_heads, head_dim = setup.heads
-        report = dict(device=device_name(device), dtype="bfloat16", heads=num_heads, kv_heads=num_kv_heads,
-                      head_dim=head_dim, copy_gbps=setup.copy_gbps, results=[asdict(r) for r in results],
-                      skipped=skipped)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    print_table(results, skipped, device, setup)
     return 0
+
+
+def compiled_kernels_loaded() -> bool:
+    """True when this process imported chatpager's Triton kernels compiled for a GPU. Triton picks
+    interpreter or compiler once per kernel, when its module is imported, so those kernels cannot
+    run on CPU tensors (and re-decorating Triton's library for the interpreter would break any
+    kernel compiled later in the process): an interpreted run needs a process of its own."""
+    return "chatpager.kernels.paged_attention_triton" in sys.modules and not interpreting()
+
+
+def rerun_interpreted(argv: list[str]) -> int:
+    """This script with the same arguments in a child process with the interpreter on; its output
+    printed here."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run([sys.executable, __file__, *argv], env=env, capture_output=True, text=True)
+    print(child.stdout, end="")
+    print(child.stderr, end="", file=sys.stderr)
+    return child.returncode
+
+
+def datasheet_gbps(name: str) -> float | None:
+    return next((gbps for key, gbps in PEAK_GBPS if key in name), None)
+
+
+def write_json(path: str, setup: Setup, results: list[Result], skipped: list[str]) -> None:
+    num_heads, num_kv_heads, head_dim = setup.heads
+    report = dict(device=device_name(setup.device), dtype="bfloat16", heads=num_heads, kv_heads=num_kv_heads,
+                  head_dim=head_dim, copy_gbps=setup.copy_gbps, peak_gbps=setup.peak_gbps,
+                  results=[asdict(r) for r in results], skipped=skipped)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
 
 
 def bench_config(setup: Setup, batch: int, context: int, block_size: int) -> Result | str:
@@ -168,8 +209,9 @@ def bench_config(setup: Setup, batch: int, context: int, block_size: int) -> Res
     del k_cache, v_cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Result(batch, context, block_size, splits, triton_ms, kv_gbps, kv_gbps / setup.copy_gbps, sdpa_ms,
-                  vs_sdpa, err)
+    peak_share = kv_gbps / setup.peak_gbps if setup.peak_gbps else None
+    return Result(batch, context, block_size, splits, triton_ms, kv_gbps, kv_gbps / setup.copy_gbps, peak_share,
+                  sdpa_ms, vs_sdpa, err)
 
 
 def contiguous_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -230,16 +272,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
 
 
-def print_table(results: list[Result], skipped: list[str], device: torch.device, copy_gbps: float) -> None:
-    print(f"{device_name(device)}: copy bandwidth {copy_gbps:.0f} GB/s")
+def print_table(results: list[Result], skipped: list[str], device: torch.device, setup: Setup) -> None:
+    peak = f"{setup.peak_gbps:.0f} GB/s" if setup.peak_gbps else "unknown (--peak-gbps)"
+    print(f"{device_name(device)}: copy bandwidth {setup.copy_gbps:.0f} GB/s, datasheet peak {peak}")
     header = (f"{'batch':>5} {'context':>7} {'block':>5} {'splits':>6} {'triton_ms':>10} {'kv_GB/s':>8} "
-              f"{'bw_share':>8} {'sdpa_ms':>8} {'vs_sdpa':>7} {'max_err':>8}")
+              f"{'bw_share':>8} {'peak':>6} {'sdpa_ms':>8} {'vs_sdpa':>7} {'max_err':>8}")
     print(header)
     for r in results:
         sdpa = (f"{r.sdpa_ms:8.3f} {r.vs_sdpa:7.2f} {r.max_abs_err:8.1e}" if r.sdpa_ms is not None
                 else f"{'-':>8} {'-':>7} {'-':>8}")
+        peak = f"{r.peak_share:6.1%}" if r.peak_share is not None else f"{'-':>6}"
         print(f"{r.batch:5d} {r.context:7d} {r.block_size:5d} {r.num_splits:6d} {r.triton_ms:10.3f} "
-              f"{r.kv_gbps:8.1f} {r.bw_share:8.1%} {sdpa}")
+              f"{r.kv_gbps:8.1f} {r.bw_share:8.1%} {peak} {sdpa}")
     for reason in skipped:
         print(f"skipped: {reason}")
 

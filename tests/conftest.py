@@ -8,6 +8,27 @@ from chatpager.engine.model.tiny_model import make_tiny_model
 
 torch.set_num_threads(2)
 
+CUDA_DESELECTED = pytest.StashKey[int]()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA GPU. Without one they are deselected, not skipped: a CPU
+    run counts them neither as passed nor as skipped, and its summary line says how many were
+    left out ("N deselected", and a line of its own). benchmarks/gpu_check.sh runs them on a GPU."""
+    if torch.cuda.is_available():
+        return
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if cuda:
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+    config.stash[CUDA_DESELECTED] = len(cuda)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.stash.get(CUDA_DESELECTED, 0):
+        terminalreporter.write_line(f"{config.stash[CUDA_DESELECTED]} cuda-marked tests deselected: no CUDA device "
+                                    "here (benchmarks/gpu_check.sh runs them on a GPU machine)")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
