@@ -27,12 +27,19 @@ def running(pid: int) -> bool:
         return False
 
 
+def interruptible() -> None:
+    """SIGINT as a terminal's Ctrl+C finds it. A test run started in the background of a shell
+    without job control inherits SIGINT ignored, and an ignored signal stays ignored through
+    exec: serve would then never see the Ctrl+C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_the_serve_command_answers_and_ctrl_c_ends_it_and_its_engine(tiny_llama, tmp_path):
     port = free_port()
     env = os.environ | {"XDG_STATE_HOME": str(tmp_path)}  # its log file goes here
     server = subprocess.Popen([sys.executable, "-m", "chatpager", "serve", "--model", tiny_llama,
                                "--port", str(port), "--num-blocks", "64"],
-                              stderr=subprocess.PIPE, text=True, env=env)
+                              stderr=subprocess.PIPE, text=True, env=env, preexec_fn=interruptible)
     try:
         lines = []
         while not lines or " on http://" not in lines[-1]:
