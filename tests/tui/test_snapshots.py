@@ -1,7 +1,8 @@
 """SVG snapshots of the main screen and the help screen (update: pytest --snapshot-update).
 
-Deterministic: stored sessions written beforehand, the tiny model under a fixed name, and
-the screen taken once the model has loaded and before anything is generated.
+Deterministic on any CPU: stored sessions written beforehand, the tiny model under a fixed name,
+the torch attention backend, and the screen taken once the model has loaded and before anything
+is generated.
 """
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def app(snapshot_model, tmp_path) -> ChatpagerApp:
         store.save_session(session)
         store.replace_messages(session)
     store.close()
-    config = AppConfig(engine=EngineArgs(model=snapshot_model, num_blocks=512), data_dir=tmp_path,
+    # the torch attention on every CPU: the stats line names the backend, and the C kernel's
+    # `auto` choice depends on the CPU (AVX512) and the CHATPAGER_CPU_ATTENTION switch
+    config = AppConfig(engine=EngineArgs(model=snapshot_model, num_blocks=512, attention="torch"), data_dir=tmp_path,
                        params=SamplingParams(max_tokens=4))
     return ChatpagerApp(config)
 
